@@ -1,0 +1,14 @@
+//! sluice: Kubernetes NetworkPolicy for flannel clusters, decided in the kernel by nftables.
+//!
+//! The pure core (no I/O): [`selector`], [`model`] (the cluster index), [`policy`] (the reference
+//! evaluator), [`compile`] (index + node -> ruleset IR). The edges: [`nft`] (IR -> nft text, diffs,
+//! applying) and [`snapshot`] (objects from YAML files).
+
+pub mod compile;
+pub mod model;
+pub mod nft;
+pub mod policy;
+pub mod selector;
+pub mod snapshot;
+#[cfg(test)]
+mod testutil;

@@ -1,0 +1,777 @@
+//! The cluster as policy sees it: namespaces, pods and policies, slimmed and validated at the edge
+//! (from k8s-openapi objects) so the evaluator and compiler work on plain, infallible data.
+//!
+//! Validation never rejects a whole policy: a part we cannot represent (an unparsable CIDR, an
+//! unknown operator) is recorded as an error on the rule it belongs to, and such a rule allows
+//! nothing. The policy still isolates what it selects, so bad input never opens traffic.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::selector::{Labels, Selector, SelectorError};
+
+/// The label the API server puts on every namespace.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The name nft uses (`meta l4proto tcp`).
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            other => Err(format!(
+                "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// Suffix used in set and map names (`_v4`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "v4",
+            Family::V6 => "v6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// `namespace/name` of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl FromStr for ObjectKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(ObjectKey::new(ns, name))
+            }
+            _ => Err(format!("{s:?} is not of the form namespace/name")),
+        }
+    }
+}
+
+pub type PodKey = ObjectKey;
+pub type PolicyKey = ObjectKey;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// What policy needs of a Pod; everything else is dropped at the edge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub key: PodKey,
+    pub labels: Labels,
+    pub node: Option<String>,
+    pub host_network: bool,
+    pub phase: Phase,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<ContainerPort>,
+}
+
+impl PodInfo {
+    /// Does this pod own its IPs as far as policy is concerned? hostNetwork pods are node
+    /// traffic; finished pods keep their IP in the API although it may be reused already.
+    pub fn owns_ips(&self) -> bool {
+        !self.host_network && !matches!(self.phase, Phase::Succeeded | Phase::Failed)
+    }
+
+    pub fn ip(&self, family: Family) -> Option<IpAddr> {
+        self.ips.iter().copied().find(|ip| Family::of(ip) == family)
+    }
+
+    /// The port number a named port resolves to on this pod, if it declares it.
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name) && p.protocol == protocol)
+            .map(|p| p.port)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: Labels,
+}
+
+/// Where a pod peer's pods may live.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NamespaceScope {
+    /// podSelector-only peer: the policy's own namespace.
+    Own(String),
+    Selected(Selector),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Peer {
+    Pods {
+        namespaces: NamespaceScope,
+        pods: Selector,
+    },
+    Block(IpBlock),
+}
+
+/// `ipBlock`: addresses in `cidr` but in none of `except`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpBlock {
+    pub cidr: IpNet,
+    pub except: Vec<IpNet>,
+}
+
+impl IpBlock {
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.cidr.contains(ip) && !self.except.iter().any(|e| e.contains(ip))
+    }
+
+    pub fn family(&self) -> Family {
+        match self.cidr {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortMatch {
+    /// Only a protocol: every port of it.
+    AnyPort,
+    /// `port`, or `port`..=`endPort`.
+    Range(u16, u16),
+    /// A named port, resolved against the destination pod.
+    Named(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRule {
+    pub protocol: Protocol,
+    pub port: PortMatch,
+}
+
+/// One entry of `ingress` or `egress`. `None` means "all" (field missing or empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub peers: Option<Vec<Peer>>,
+    pub ports: Option<Vec<PortRule>>,
+}
+
+/// A rule that we could not represent: it allows nothing and is reported.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Path in the object, e.g. `spec.ingress[0].from[1].ipBlock.cidr`.
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyInfo {
+    pub key: PolicyKey,
+    /// `None` when the podSelector itself is broken: then the policy selects nothing.
+    pub pod_selector: Option<Selector>,
+    /// `Some` when the policy isolates ingress (policyTypes, defaulted as the API does).
+    pub ingress: Option<Vec<Result<Rule, FieldError>>>,
+    pub egress: Option<Vec<Result<Rule, FieldError>>>,
+    /// Everything that could not be represented, for reporting.
+    pub errors: Vec<FieldError>,
+}
+
+impl PolicyInfo {
+    pub fn rules(&self, direction: Direction) -> Option<&[Result<Rule, FieldError>]> {
+        match direction {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
+    }
+
+    pub fn selects(&self, pod: &PodInfo) -> bool {
+        pod.key.namespace == self.key.namespace
+            && !pod.host_network
+            && self
+                .pod_selector
+                .as_ref()
+                .is_some_and(|s| s.matches(&pod.labels))
+    }
+}
+
+/// An object the index could not take at all (missing name, wrong shape).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {name}: {error}")]
+pub struct ObjectError {
+    pub kind: &'static str,
+    pub name: String,
+    pub error: FieldError,
+}
+
+fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn object_error(kind: &'static str, name: &str, field: &str, message: &str) -> ObjectError {
+    ObjectError {
+        kind,
+        name: name.to_string(),
+        error: field_error(field, message),
+    }
+}
+
+pub fn namespace_info(ns: &Namespace) -> Result<NamespaceInfo, ObjectError> {
+    let name = ns
+        .metadata
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| object_error("Namespace", "?", "metadata.name", "required"))?;
+    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+    Ok(NamespaceInfo { name, labels })
+}
+
+pub fn pod_info(pod: &Pod) -> Result<PodInfo, ObjectError> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(object_error("Pod", "?", "metadata.name", "required"));
+    }
+    if namespace.is_empty() {
+        return Err(object_error("Pod", &name, "metadata.namespace", "required"));
+    }
+    let key = PodKey::new(namespace, name);
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let phase = match status.and_then(|s| s.phase.as_deref()) {
+        Some("Running") => Phase::Running,
+        Some("Succeeded") => Phase::Succeeded,
+        Some("Failed") => Phase::Failed,
+        Some("Unknown") => Phase::Unknown,
+        _ => Phase::Pending,
+    };
+    let mut raw_ips: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|p| p.ip.clone()).collect())
+        .unwrap_or_default();
+    if raw_ips.is_empty() {
+        raw_ips.extend(status.and_then(|s| s.pod_ip.clone()));
+    }
+    let mut ips = Vec::new();
+    for (i, raw) in raw_ips.iter().enumerate() {
+        let ip = raw.parse::<IpAddr>().map_err(|_| {
+            object_error(
+                "Pod",
+                &key.to_string(),
+                &format!("status.podIPs[{i}].ip"),
+                &format!("{raw:?} is not an IP address"),
+            )
+        })?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let mut ports = Vec::new();
+    for (ci, c) in spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .enumerate()
+    {
+        for (pi, p) in c.ports.iter().flatten().enumerate() {
+            let field = format!("spec.containers[{ci}].ports[{pi}]");
+            let protocol = p
+                .protocol
+                .as_deref()
+                .unwrap_or("TCP")
+                .parse::<Protocol>()
+                .map_err(|e| {
+                    object_error("Pod", &key.to_string(), &format!("{field}.protocol"), &e)
+                })?;
+            let port = u16::try_from(p.container_port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| {
+                    object_error(
+                        "Pod",
+                        &key.to_string(),
+                        &format!("{field}.containerPort"),
+                        &format!("{} is not a port (1-65535)", p.container_port),
+                    )
+                })?;
+            ports.push(ContainerPort {
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                port,
+                protocol,
+            });
+        }
+    }
+    Ok(PodInfo {
+        key,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        node: spec.and_then(|s| s.node_name.clone()),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        phase,
+        ips,
+        ports,
+    })
+}
+
+pub fn policy_info(policy: &NetworkPolicy) -> Result<PolicyInfo, ObjectError> {
+    let name = policy.metadata.name.clone().unwrap_or_default();
+    let namespace = policy.metadata.namespace.clone().unwrap_or_default();
+    if name.is_empty() {
+        return Err(object_error(
+            "NetworkPolicy",
+            "?",
+            "metadata.name",
+            "required",
+        ));
+    }
+    if namespace.is_empty() {
+        return Err(object_error(
+            "NetworkPolicy",
+            &name,
+            "metadata.namespace",
+            "required",
+        ));
+    }
+    let key = PolicyKey::new(namespace.clone(), name);
+    let spec = policy.spec.clone().unwrap_or_default();
+    let mut errors = Vec::new();
+
+    let pod_selector = match spec.pod_selector.as_ref() {
+        None => Some(Selector::everything()),
+        Some(s) => match Selector::parse(s) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errors.push(selector_error("spec.podSelector", e));
+                None
+            }
+        },
+    };
+
+    // policyTypes defaulting, as the API server does: Ingress always, Egress if there are
+    // egress rules.
+    let (mut isolates_ingress, mut isolates_egress) = (false, false);
+    match spec.policy_types.as_deref() {
+        None | Some([]) => {
+            isolates_ingress = true;
+            isolates_egress = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
+        }
+        Some(types) => {
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "Ingress" => isolates_ingress = true,
+                    "Egress" => isolates_egress = true,
+                    other => {
+                        // Unknown type: isolate both ways rather than open anything.
+                        errors.push(field_error(
+                            format!("spec.policyTypes[{i}]"),
+                            format!("unknown policy type {other:?} (expected Ingress or Egress); isolating both directions"),
+                        ));
+                        isolates_ingress = true;
+                        isolates_egress = true;
+                    }
+                }
+            }
+        }
+    }
+
+    let ingress = isolates_ingress.then(|| {
+        spec.ingress
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, r)| {
+                parse_rule(
+                    &namespace,
+                    &format!("spec.ingress[{i}]"),
+                    "from",
+                    r.from.as_deref(),
+                    r.ports.as_deref(),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
+    let egress = isolates_egress.then(|| {
+        spec.egress
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, r)| {
+                parse_rule(
+                    &namespace,
+                    &format!("spec.egress[{i}]"),
+                    "to",
+                    r.to.as_deref(),
+                    r.ports.as_deref(),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
+    for rules in [&ingress, &egress].into_iter().flatten() {
+        errors.extend(rules.iter().filter_map(|r| r.as_ref().err().cloned()));
+    }
+    Ok(PolicyInfo {
+        key,
+        pod_selector,
+        ingress,
+        egress,
+        errors,
+    })
+}
+
+fn selector_error(field: &str, e: SelectorError) -> FieldError {
+    // SelectorError starts with the sub-path (`matchExpressions[0].operator: ...`).
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((sub, msg)) => field_error(format!("{field}.{sub}"), msg),
+        None => field_error(field, text),
+    }
+}
+
+fn parse_rule(
+    namespace: &str,
+    field: &str,
+    peers_name: &str,
+    peers: Option<&[NetworkPolicyPeer]>,
+    ports: Option<&[NetworkPolicyPort]>,
+) -> Result<Rule, FieldError> {
+    let peers = match peers {
+        None | Some([]) => None,
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(i, p)| parse_peer(namespace, &format!("{field}.{peers_name}[{i}]"), p))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let ports = match ports {
+        None | Some([]) => None,
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(i, p)| parse_port(&format!("{field}.ports[{i}]"), p))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    Ok(Rule { peers, ports })
+}
+
+fn parse_peer(namespace: &str, field: &str, peer: &NetworkPolicyPeer) -> Result<Peer, FieldError> {
+    if let Some(block) = &peer.ip_block {
+        if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
+            return Err(field_error(
+                field,
+                "ipBlock cannot be combined with podSelector or namespaceSelector",
+            ));
+        }
+        let cidr = parse_cidr(&format!("{field}.ipBlock.cidr"), &block.cidr)?;
+        let mut except = Vec::new();
+        for (i, e) in block.except.iter().flatten().enumerate() {
+            let f = format!("{field}.ipBlock.except[{i}]");
+            let net = parse_cidr(&f, e)?;
+            if !cidr.contains(&net) {
+                return Err(field_error(f, format!("{e:?} is not within cidr {cidr}")));
+            }
+            except.push(net);
+        }
+        except.sort();
+        except.dedup();
+        return Ok(Peer::Block(IpBlock { cidr, except }));
+    }
+    let parse =
+        |sub: &str, s| Selector::parse(s).map_err(|e| selector_error(&format!("{field}.{sub}"), e));
+    match (&peer.namespace_selector, &peer.pod_selector) {
+        (None, None) => Err(field_error(
+            field,
+            "a peer needs podSelector, namespaceSelector or ipBlock",
+        )),
+        (None, Some(pods)) => Ok(Peer::Pods {
+            namespaces: NamespaceScope::Own(namespace.to_string()),
+            pods: parse("podSelector", pods)?,
+        }),
+        (Some(ns), pods) => Ok(Peer::Pods {
+            namespaces: NamespaceScope::Selected(parse("namespaceSelector", ns)?),
+            pods: match pods {
+                Some(p) => parse("podSelector", p)?,
+                None => Selector::everything(),
+            },
+        }),
+    }
+}
+
+fn parse_cidr(field: &str, text: &str) -> Result<IpNet, FieldError> {
+    let net = text
+        .parse::<IpNet>()
+        .map_err(|_| field_error(field, format!("{text:?} is not a CIDR")))?;
+    // The API accepts host bits in older objects; what it means is the network.
+    Ok(net.trunc())
+}
+
+fn parse_port(field: &str, port: &NetworkPolicyPort) -> Result<PortRule, FieldError> {
+    let protocol = port
+        .protocol
+        .as_deref()
+        .unwrap_or("TCP")
+        .parse::<Protocol>()
+        .map_err(|e| field_error(format!("{field}.protocol"), e))?;
+    let number = |n: i32, f: &str| {
+        u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+            field_error(
+                format!("{field}.{f}"),
+                format!("{n} is not a port (1-65535)"),
+            )
+        })
+    };
+    let port = match (&port.port, port.end_port) {
+        (None, None) => PortMatch::AnyPort,
+        (None, Some(_)) => {
+            return Err(field_error(
+                format!("{field}.endPort"),
+                "endPort needs port",
+            ))
+        }
+        (Some(IntOrString::Int(p)), end) => {
+            let start = number(*p, "port")?;
+            let end = match end {
+                Some(e) => number(e, "endPort")?,
+                None => start,
+            };
+            if end < start {
+                return Err(field_error(
+                    format!("{field}.endPort"),
+                    format!("{end} is below port {start}"),
+                ));
+            }
+            PortMatch::Range(start, end)
+        }
+        (Some(IntOrString::String(name)), end) => {
+            if end.is_some() {
+                return Err(field_error(
+                    format!("{field}.endPort"),
+                    "endPort cannot be used with a named port",
+                ));
+            }
+            if let Ok(n) = name.parse::<i32>() {
+                // The API stores numeric strings as strings; treat them as the number.
+                let p = number(n, "port")?;
+                PortMatch::Range(p, p)
+            } else if valid_port_name(name) {
+                PortMatch::Named(name.clone())
+            } else {
+                return Err(field_error(
+                    format!("{field}.port"),
+                    format!("{name:?} is not a valid port name (1-15 lowercase letters, digits and '-', with a letter)"),
+                ));
+            }
+        }
+    };
+    Ok(PortRule { protocol, port })
+}
+
+/// IANA_SVC_NAME, as the API validates it.
+fn valid_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
+/// The cluster index: everything policy decisions depend on, keyed for deterministic iteration.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    pub namespaces: BTreeMap<String, NamespaceInfo>,
+    pub pods: BTreeMap<PodKey, PodInfo>,
+    pub policies: BTreeMap<PolicyKey, PolicyInfo>,
+}
+
+impl Index {
+    pub fn apply_namespace(&mut self, ns: NamespaceInfo) {
+        self.namespaces.insert(ns.name.clone(), ns);
+    }
+
+    pub fn delete_namespace(&mut self, name: &str) {
+        self.namespaces.remove(name);
+    }
+
+    pub fn apply_pod(&mut self, pod: PodInfo) {
+        self.pods.insert(pod.key.clone(), pod);
+    }
+
+    pub fn delete_pod(&mut self, key: &PodKey) {
+        self.pods.remove(key);
+    }
+
+    pub fn apply_policy(&mut self, policy: PolicyInfo) {
+        self.policies.insert(policy.key.clone(), policy);
+    }
+
+    pub fn delete_policy(&mut self, key: &PolicyKey) {
+        self.policies.remove(key);
+    }
+
+    /// A namespace's labels; one not seen (yet) still carries its implicit name label.
+    pub fn namespace_labels(&self, name: &str) -> Labels {
+        match self.namespaces.get(name) {
+            Some(ns) => ns.labels.clone(),
+            None => [(NAMESPACE_NAME_LABEL.to_string(), name.to_string())].into(),
+        }
+    }
+
+    fn namespace_matches(&self, scope: &NamespaceScope, namespace: &str) -> bool {
+        match scope {
+            NamespaceScope::Own(own) => own == namespace,
+            NamespaceScope::Selected(sel) => match self.namespaces.get(namespace) {
+                Some(ns) => sel.matches(&ns.labels),
+                None => sel.matches(&self.namespace_labels(namespace)),
+            },
+        }
+    }
+
+    /// Does a pod peer (namespace scope AND pod selector) match this pod?
+    pub fn pod_peer_matches(
+        &self,
+        namespaces: &NamespaceScope,
+        pods: &Selector,
+        pod: &PodInfo,
+    ) -> bool {
+        pod.owns_ips()
+            && self.namespace_matches(namespaces, &pod.key.namespace)
+            && pods.matches(&pod.labels)
+    }
+
+    /// Policies in the pod's namespace that select it and isolate `direction`.
+    pub fn isolating_policies(&self, pod: &PodInfo, direction: Direction) -> Vec<&PolicyInfo> {
+        self.policies
+            .range(PolicyKey::new(pod.key.namespace.clone(), String::new())..)
+            .take_while(|(k, _)| k.namespace == pod.key.namespace)
+            .map(|(_, p)| p)
+            .filter(|p| p.rules(direction).is_some() && p.selects(pod))
+            .collect()
+    }
+
+    /// The pod that owns `ip`, if any (hostNetwork and finished pods own nothing).
+    pub fn owner_of(&self, ip: &IpAddr) -> Option<&PodInfo> {
+        self.pods
+            .values()
+            .find(|p| p.owns_ips() && p.ips.contains(ip))
+    }
+}
