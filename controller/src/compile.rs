@@ -1,1 +1,723 @@
+//! The compiler: cluster index + node name -> the node's ruleset, as plain data (the IR).
 //!
+//! Shape (see docs/architecture.md): two base chains on the forward hook dispatch packets of the
+//! node's isolated pods through verdict maps keyed by pod IP to a *group chain* (one per distinct
+//! set of selecting policies), which jumps to each *policy chain* and drops what none accepted.
+//! Peers are shared sets of IPs, ipBlocks interval sets, named ports `ip . port` sets. The
+//! per-packet cost is one map lookup plus the rules of the policies that select the pod.
+//!
+//! Names are deterministic (derived from content), so compiling the same index twice gives the
+//! same ruleset and a diff between two compilations touches only what changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::model::{
+    Direction, Family, Index, IpBlock, NamespaceScope, Peer, PodInfo, PolicyInfo, PolicyKey,
+    PortMatch, PortRule, Protocol,
+};
+use crate::selector::Selector;
+
+pub const TABLE: &str = "sluice";
+
+/// Which address of the packet a match looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKind {
+    /// `type ipv4_addr`: pod IPs of a peer.
+    Addrs(Family),
+    /// `type ipv4_addr; flags interval`: an ipBlock (cidr minus except) as ranges.
+    Ranges(Family),
+    /// `type ipv4_addr . inet_service`: pods and the port a name resolves to on each.
+    AddrPorts(Family),
+    /// `type ipv4_addr : verdict`: the dispatch map from local pod IP to group chain.
+    Dispatch(Family),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Element {
+    Addr(IpAddr),
+    Range(IpAddr, IpAddr),
+    AddrPort(IpAddr, u16),
+    Jump(IpAddr, String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Set {
+    pub kind: SetKind,
+    pub elements: BTreeSet<Element>,
+    pub comment: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Match {
+    /// `ct state established,related`
+    Established,
+    /// `meta l4proto tcp`
+    Protocol(Protocol),
+    /// `th dport 80` or `th dport 80-90` (after a Protocol match)
+    Dport(u16, u16),
+    /// `ip saddr @set`
+    InSet {
+        side: Side,
+        family: Family,
+        set: String,
+    },
+    /// `ip daddr . th dport @set`
+    DestinationPortInSet { family: Family, set: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    Accept,
+    /// `counter drop`: the end of a group chain.
+    CountedDrop,
+    Jump(String),
+    /// `ip saddr vmap @map`
+    Dispatch {
+        side: Side,
+        family: Family,
+        map: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub action: Action,
+    pub comment: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChainKind {
+    /// The rules of one policy in one direction: accept or fall through.
+    Policy,
+    /// The policies selecting a group of pods: jump to each, then drop.
+    Group,
+    /// A base chain on the forward hook, at this priority.
+    Base { priority: i32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub kind: ChainKind,
+    pub rules: Vec<Rule>,
+    pub comment: String,
+}
+
+/// A node's complete ruleset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub sets: BTreeMap<String, Set>,
+    pub chains: BTreeMap<String, Chain>,
+}
+
+/// Something in the input we could not compile as written; compiled fail-closed instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub object: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    pub ruleset: Ruleset,
+    pub problems: Vec<Problem>,
+}
+
+pub const EGRESS_CHAIN: &str = "egress";
+pub const INGRESS_CHAIN: &str = "ingress";
+/// Egress is decided first; its accept hands the packet on to the ingress chain.
+pub const EGRESS_PRIORITY: i32 = -1;
+pub const INGRESS_PRIORITY: i32 = 0;
+
+pub fn dispatch_map(direction: Direction, family: Family) -> String {
+    format!("{direction}_{}", family.suffix())
+}
+
+fn short_hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn direction_tag(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "in",
+        Direction::Egress => "eg",
+    }
+}
+
+/// `in.<namespace>.<name>`: readable in `nft list`; hashed when too long for the kernel.
+pub fn policy_chain_name(direction: Direction, policy: &PolicyKey) -> String {
+    let name = format!(
+        "{}.{}.{}",
+        direction_tag(direction),
+        policy.namespace,
+        policy.name
+    );
+    if name.len() <= 200 {
+        name
+    } else {
+        format!("{}.{}", direction_tag(direction), short_hash(&name))
+    }
+}
+
+fn group_chain_name(direction: Direction, policies: &[PolicyKey]) -> String {
+    let text: Vec<String> = policies.iter().map(|k| k.to_string()).collect();
+    format!(
+        "grp.{}.{}",
+        direction_tag(direction),
+        short_hash(&text.join(","))
+    )
+}
+
+/// A peer's pods, canonical so every rule with the same peer shares one set.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct PodPeer {
+    namespaces: NamespaceScope,
+    pods: Selector,
+}
+
+impl PodPeer {
+    fn describe(&self) -> String {
+        let ns = match &self.namespaces {
+            NamespaceScope::Own(n) => format!("namespace {n}"),
+            NamespaceScope::Selected(s) => format!("namespaces {s}"),
+        };
+        format!("{ns}; pods {}", self.pods)
+    }
+
+    fn set_name(&self, family: Family) -> String {
+        format!(
+            "peer_{}_{}",
+            short_hash(&format!("{self:?}")),
+            family.suffix()
+        )
+    }
+}
+
+fn block_set_name(block: &IpBlock) -> String {
+    format!(
+        "block_{}_{}",
+        short_hash(&format!("{block:?}")),
+        block.family().suffix()
+    )
+}
+
+fn named_port_set_name(name: &str, protocol: Protocol, family: Family) -> String {
+    // Port names are lowercase letters, digits and '-', so this mapping is one-to-one.
+    format!(
+        "port_{}_{}_{}",
+        protocol.nft_name(),
+        name.replace('-', "_"),
+        family.suffix()
+    )
+}
+
+/// The sets rules refer to, collected while compiling and filled in at the end.
+#[derive(Default)]
+struct SetRequests {
+    peers: BTreeSet<(PodPeer, Family)>,
+    blocks: BTreeSet<IpBlock>,
+    named_ports: BTreeSet<(String, Protocol, Family)>,
+}
+
+/// Compile the ruleset of `node`.
+pub fn compile_node(index: &Index, node: &str) -> Compiled {
+    let mut out = Compiled::default();
+    let mut requests = SetRequests::default();
+    let local: Vec<&PodInfo> = index
+        .pods
+        .values()
+        .filter(|p| p.node.as_deref() == Some(node) && p.owns_ips() && !p.ips.is_empty())
+        .collect();
+
+    for policy in index.policies.values() {
+        for e in &policy.errors {
+            out.problems.push(Problem {
+                object: format!("NetworkPolicy {}", policy.key),
+                message: format!("{e}; this rule allows nothing"),
+            });
+        }
+    }
+
+    for direction in Direction::ALL {
+        let mut groups: BTreeMap<Vec<PolicyKey>, Vec<&PodInfo>> = BTreeMap::new();
+        for pod in &local {
+            let keys: Vec<PolicyKey> = index
+                .isolating_policies(pod, direction)
+                .iter()
+                .map(|p| p.key.clone())
+                .collect();
+            if !keys.is_empty() {
+                groups.entry(keys).or_default().push(pod);
+            }
+        }
+        let mut maps: BTreeMap<Family, Set> = Family::ALL
+            .into_iter()
+            .map(|f| {
+                (
+                    f,
+                    Set {
+                        kind: SetKind::Dispatch(f),
+                        elements: BTreeSet::new(),
+                        comment: format!("{direction}: isolated local pod IP -> group chain"),
+                    },
+                )
+            })
+            .collect();
+        let mut claimed: BTreeMap<IpAddr, String> = BTreeMap::new();
+        let mut policy_chains: BTreeSet<PolicyKey> = BTreeSet::new();
+        for (keys, pods) in &groups {
+            let group = group_chain_name(direction, keys);
+            let mut rules: Vec<Rule> = keys
+                .iter()
+                .map(|k| Rule {
+                    matches: vec![],
+                    action: Action::Jump(policy_chain_name(direction, k)),
+                    comment: None,
+                })
+                .collect();
+            rules.push(Rule {
+                matches: vec![],
+                action: Action::CountedDrop,
+                comment: None,
+            });
+            let names: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+            out.ruleset.chains.insert(
+                group.clone(),
+                Chain {
+                    kind: ChainKind::Group,
+                    rules,
+                    comment: format!("{direction} of pods selected by {}", names.join(", ")),
+                },
+            );
+            policy_chains.extend(keys.iter().cloned());
+            for pod in pods {
+                for ip in &pod.ips {
+                    if let Some(owner) = claimed.get(ip) {
+                        out.problems.push(Problem {
+                            object: format!("Pod {}", pod.key),
+                            message: format!("IP {ip} is also claimed by pod {owner} on this node; keeping {owner}"),
+                        });
+                        continue;
+                    }
+                    claimed.insert(*ip, pod.key.to_string());
+                    if let Some(map) = maps.get_mut(&Family::of(ip)) {
+                        map.elements.insert(Element::Jump(*ip, group.clone()));
+                    }
+                }
+            }
+        }
+        for (family, map) in maps {
+            out.ruleset
+                .sets
+                .insert(dispatch_map(direction, family), map);
+        }
+        for key in policy_chains {
+            if let Some(policy) = index.policies.get(&key) {
+                let chain = policy_chain(policy, direction, &mut requests);
+                out.ruleset
+                    .chains
+                    .insert(policy_chain_name(direction, &key), chain);
+            }
+        }
+        out.ruleset.chains.insert(
+            match direction {
+                Direction::Egress => EGRESS_CHAIN,
+                Direction::Ingress => INGRESS_CHAIN,
+            }
+            .to_string(),
+            base_chain(direction),
+        );
+    }
+
+    fill_sets(index, &requests, &mut out.ruleset);
+    out
+}
+
+fn base_chain(direction: Direction) -> Chain {
+    let (side, priority) = match direction {
+        Direction::Egress => (Side::Source, EGRESS_PRIORITY),
+        Direction::Ingress => (Side::Destination, INGRESS_PRIORITY),
+    };
+    let mut rules = vec![Rule {
+        matches: vec![Match::Established],
+        action: Action::Accept,
+        comment: None,
+    }];
+    for family in Family::ALL {
+        rules.push(Rule {
+            matches: vec![],
+            action: Action::Dispatch {
+                side,
+                family,
+                map: dispatch_map(direction, family),
+            },
+            comment: None,
+        });
+    }
+    Chain {
+        kind: ChainKind::Base { priority },
+        rules,
+        comment: format!("{direction} policy of this node's pods (forward hook)"),
+    }
+}
+
+/// One policy's rules for one direction. Each allowing entry becomes peers x ports x families
+/// rules; an entry we could not represent becomes nothing (it allows nothing).
+fn policy_chain(policy: &PolicyInfo, direction: Direction, requests: &mut SetRequests) -> Chain {
+    // For ingress the peer is the packet's source; for egress its destination.
+    let peer_side = match direction {
+        Direction::Ingress => Side::Source,
+        Direction::Egress => Side::Destination,
+    };
+    let mut rules: Vec<Rule> = Vec::new();
+    for (i, rule) in policy.rules(direction).unwrap_or(&[]).iter().enumerate() {
+        let Ok(rule) = rule else { continue };
+        let comment = Some(format!("{} {direction}[{i}]", policy.key));
+        // Each peer as (family it is limited to, matches).
+        let peers: Vec<(Option<Family>, Vec<Match>)> = match &rule.peers {
+            None => vec![(None, vec![])],
+            Some(peers) => peers
+                .iter()
+                .flat_map(|peer| match peer {
+                    Peer::Pods { namespaces, pods } => {
+                        let pp = PodPeer {
+                            namespaces: namespaces.clone(),
+                            pods: pods.clone(),
+                        };
+                        Family::ALL
+                            .into_iter()
+                            .map(|family| {
+                                requests.peers.insert((pp.clone(), family));
+                                (
+                                    Some(family),
+                                    vec![Match::InSet {
+                                        side: peer_side,
+                                        family,
+                                        set: pp.set_name(family),
+                                    }],
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    }
+                    Peer::Block(block) => {
+                        requests.blocks.insert(block.clone());
+                        vec![(
+                            Some(block.family()),
+                            vec![Match::InSet {
+                                side: peer_side,
+                                family: block.family(),
+                                set: block_set_name(block),
+                            }],
+                        )]
+                    }
+                })
+                .collect(),
+        };
+        let ports: Vec<Option<&PortRule>> = match &rule.ports {
+            None => vec![None],
+            Some(ports) => ports.iter().map(Some).collect(),
+        };
+        for (peer_family, peer_matches) in &peers {
+            for port in &ports {
+                let Some(port) = port else {
+                    rules.push(Rule {
+                        matches: peer_matches.clone(),
+                        action: Action::Accept,
+                        comment: comment.clone(),
+                    });
+                    continue;
+                };
+                let mut base = peer_matches.clone();
+                base.push(Match::Protocol(port.protocol));
+                match &port.port {
+                    PortMatch::AnyPort => rules.push(Rule {
+                        matches: base,
+                        action: Action::Accept,
+                        comment: comment.clone(),
+                    }),
+                    PortMatch::Range(lo, hi) => {
+                        base.push(Match::Dport(*lo, *hi));
+                        rules.push(Rule {
+                            matches: base,
+                            action: Action::Accept,
+                            comment: comment.clone(),
+                        });
+                    }
+                    PortMatch::Named(name) => {
+                        // Resolved per destination pod: the set holds (pod IP, port) pairs.
+                        let families: Vec<Family> = match peer_family {
+                            Some(f) => vec![*f],
+                            None => Family::ALL.to_vec(),
+                        };
+                        for family in families {
+                            requests
+                                .named_ports
+                                .insert((name.clone(), port.protocol, family));
+                            let mut m = base.clone();
+                            m.push(Match::DestinationPortInSet {
+                                family,
+                                set: named_port_set_name(name, port.protocol, family),
+                            });
+                            rules.push(Rule {
+                                matches: m,
+                                action: Action::Accept,
+                                comment: comment.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Identical rules (e.g. a peer listed twice) are matched once.
+    let mut seen = BTreeSet::new();
+    rules.retain(|r| seen.insert((r.matches.clone(), r.action.clone())));
+    Chain {
+        kind: ChainKind::Policy,
+        rules,
+        comment: format!("{direction} rules of NetworkPolicy {}", policy.key),
+    }
+}
+
+fn fill_sets(index: &Index, requests: &SetRequests, ruleset: &mut Ruleset) {
+    let owners: Vec<&PodInfo> = index.pods.values().filter(|p| p.owns_ips()).collect();
+    for (peer, family) in &requests.peers {
+        let elements = owners
+            .iter()
+            .filter(|p| index.pod_peer_matches(&peer.namespaces, &peer.pods, p))
+            .filter_map(|p| p.ip(*family))
+            .map(Element::Addr)
+            .collect();
+        ruleset.sets.insert(
+            peer.set_name(*family),
+            Set {
+                kind: SetKind::Addrs(*family),
+                elements,
+                comment: peer.describe(),
+            },
+        );
+    }
+    for block in &requests.blocks {
+        let elements = block_ranges(block)
+            .into_iter()
+            .map(|(a, b)| Element::Range(a, b))
+            .collect();
+        let except: Vec<String> = block.except.iter().map(|e| e.to_string()).collect();
+        ruleset.sets.insert(
+            block_set_name(block),
+            Set {
+                kind: SetKind::Ranges(block.family()),
+                elements,
+                comment: if except.is_empty() {
+                    format!("ipBlock {}", block.cidr)
+                } else {
+                    format!("ipBlock {} except {}", block.cidr, except.join(" "))
+                },
+            },
+        );
+    }
+    for (name, protocol, family) in &requests.named_ports {
+        let elements = owners
+            .iter()
+            .filter_map(|p| {
+                let ip = p.ip(*family)?;
+                let port = p.named_port(name, *protocol)?;
+                Some(Element::AddrPort(ip, port))
+            })
+            .collect();
+        ruleset.sets.insert(
+            named_port_set_name(name, *protocol, *family),
+            Set {
+                kind: SetKind::AddrPorts(*family),
+                elements,
+                comment: format!("named port {name}/{protocol}: pod IP . port"),
+            },
+        );
+    }
+}
+
+/// An ipBlock as disjoint inclusive address ranges: the cidr with every except cut out, so one
+/// interval-set lookup decides it.
+pub fn block_ranges(block: &IpBlock) -> Vec<(IpAddr, IpAddr)> {
+    let bounds = |net: &IpNet| -> (u128, u128) {
+        match net {
+            IpNet::V4(n) => (
+                u32::from(n.network()) as u128,
+                u32::from(n.broadcast()) as u128,
+            ),
+            IpNet::V6(n) => (u128::from(n.network()), u128::from(n.broadcast())),
+        }
+    };
+    let to_ip = |v: u128| -> IpAddr {
+        match block.cidr {
+            // Values come from an IPv4 block, so they fit in 32 bits.
+            IpNet::V4(_) => IpAddr::V4(std::net::Ipv4Addr::from(v as u32)),
+            IpNet::V6(_) => IpAddr::V6(std::net::Ipv6Addr::from(v)),
+        }
+    };
+    let mut ranges = vec![bounds(&block.cidr)];
+    for except in &block.except {
+        let (lo, hi) = bounds(except);
+        let mut next = Vec::new();
+        for (a, b) in ranges {
+            if hi < a || lo > b {
+                next.push((a, b));
+                continue;
+            }
+            if lo > a {
+                next.push((a, lo - 1));
+            }
+            if hi < b {
+                next.push((hi + 1, b));
+            }
+        }
+        ranges = next;
+    }
+    ranges
+        .into_iter()
+        .map(|(a, b)| (to_ip(a), to_ip(b)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn block_ranges_cut_out_every_except() {
+        let block = IpBlock {
+            cidr: "10.0.0.0/8".parse().unwrap(),
+            except: vec![
+                "10.1.0.0/16".parse().unwrap(),
+                "10.255.255.0/24".parse().unwrap(),
+            ],
+        };
+        assert_eq!(
+            block_ranges(&block),
+            vec![
+                (ip("10.0.0.0"), ip("10.0.255.255")),
+                (ip("10.2.0.0"), ip("10.255.254.255")),
+            ]
+        );
+        let whole = IpBlock {
+            cidr: "10.0.0.0/8".parse().unwrap(),
+            except: vec!["10.0.0.0/8".parse().unwrap()],
+        };
+        assert!(block_ranges(&whole).is_empty());
+    }
+
+    #[test]
+    fn unselected_node_gets_only_the_skeleton() {
+        let idx = three_namespaces();
+        let rs = compile_node(&idx, "node-1").ruleset;
+        assert_eq!(rs.chains.len(), 2, "just the two base chains");
+        assert!(rs.sets.values().all(|s| s.elements.is_empty()));
+    }
+
+    #[test]
+    fn pods_sharing_policies_share_one_group_chain() {
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "deny",
+            r#"{"podSelector": {}, "ingress": []}"#,
+        );
+        let rs = compile_node(&idx, "node-1").ruleset;
+        let groups: Vec<_> = rs
+            .chains
+            .iter()
+            .filter(|(_, c)| c.kind == ChainKind::Group)
+            .collect();
+        assert_eq!(groups.len(), 1);
+        let map = &rs.sets["ingress_v4"];
+        // x/a and x/c live on node-1.
+        assert_eq!(map.elements.len(), 2);
+        assert!(rs.chains.contains_key("in.x.deny"));
+        assert!(
+            rs.chains["in.x.deny"].rules.is_empty(),
+            "ingress: [] accepts nothing"
+        );
+    }
+
+    #[test]
+    fn peer_sets_are_shared_and_cluster_wide() {
+        let mut idx = three_namespaces();
+        for name in ["p1", "p2"] {
+            add_policy(
+                &mut idx,
+                "x",
+                name,
+                r#"{"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}"#,
+            );
+        }
+        let rs = compile_node(&idx, "node-1").ruleset;
+        let peers: Vec<_> = rs.sets.keys().filter(|k| k.starts_with("peer_")).collect();
+        assert_eq!(
+            peers.len(),
+            2,
+            "one set per family, shared by both policies"
+        );
+        let v4 = rs
+            .sets
+            .iter()
+            .find(|(k, _)| k.starts_with("peer_") && k.ends_with("v4"))
+            .unwrap()
+            .1;
+        assert_eq!(v4.elements.len(), 3, "y/a, y/b (node-2) and y/c");
+    }
+
+    #[test]
+    fn compiling_twice_gives_the_same_ruleset() {
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "p",
+            r#"{"podSelector": {}, "ingress": [{"ports": [{"port": "serve-80-tcp"}]}]}"#,
+        );
+        assert_eq!(
+            compile_node(&idx, "node-1").ruleset,
+            compile_node(&idx, "node-1").ruleset
+        );
+    }
+
+    #[test]
+    fn a_broken_rule_compiles_to_nothing_and_is_reported() {
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "p",
+            r#"{"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "nonsense"}}]}, {"ports": [{"port": 81}]}]}"#,
+        );
+        let out = compile_node(&idx, "node-1");
+        assert_eq!(out.problems.len(), 1);
+        assert!(out.problems[0]
+            .message
+            .contains("spec.ingress[0].from[0].ipBlock.cidr"));
+        let chain = &out.ruleset.chains["in.x.p"];
+        assert_eq!(chain.rules.len(), 1, "only the port-81 rule remains");
+        assert_eq!(
+            out.ruleset.sets["ingress_v4"].elements.len(),
+            2,
+            "x/a and x/c stay isolated"
+        );
+    }
+}

@@ -1,1 +1,193 @@
-fn main() {}
+//! `sluice`: the node agent's binary and the tools to look inside policy decisions.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use sluice::compile::compile_node;
+use sluice::model::{Family, PodKey, Protocol};
+use sluice::policy::allowed;
+use sluice::snapshot::{load_snapshot, World};
+
+/// Kubernetes NetworkPolicy for flannel clusters, decided in the kernel by nftables.
+///
+/// sluice compiles every NetworkPolicy, Pod and Namespace into one nftables table per node
+/// (`inet sluice`), made of sets and verdict maps, so the cost per packet does not grow with
+/// the cluster. The commands below look at what it decides without touching the kernel.
+#[derive(Parser)]
+#[command(name = "sluice", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Is a connection allowed, and why? Evaluates NetworkPolicy semantics directly.
+    ///
+    /// Example: sluice explain --snapshot cluster.yaml --from y/b --to x/a --port 80
+    Explain {
+        /// YAML file of Nodes, Namespaces, Pods and NetworkPolicies: `kubectl get -o yaml`
+        /// output (Lists are unpacked) or a scenario file (applied in order; probes ignored).
+        #[arg(long, value_name = "FILE")]
+        snapshot: String,
+        /// Client pod, as namespace/name.
+        #[arg(long, value_name = "NS/POD")]
+        from: PodKey,
+        /// Server pod, as namespace/name.
+        #[arg(long, value_name = "NS/POD")]
+        to: PodKey,
+        /// Destination port.
+        #[arg(long)]
+        port: u16,
+        #[arg(long, value_enum, default_value = "tcp", ignore_case = true)]
+        protocol: ProtocolArg,
+        /// Only this address family (default: every family the server has).
+        #[arg(long, value_enum, ignore_case = true)]
+        family: Option<FamilyArg>,
+    },
+    /// Print the nftables ruleset sluice would program on a node, as `nft -f` input.
+    ///
+    /// Example: sluice render --snapshot cluster.yaml --node node-1 | nft -c -f -
+    Render {
+        /// Same format as for `explain`.
+        #[arg(long, value_name = "FILE")]
+        snapshot: String,
+        /// The node whose pods the ruleset enforces.
+        #[arg(long)]
+        node: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Tcp => Protocol::Tcp,
+            ProtocolArg::Udp => Protocol::Udp,
+            ProtocolArg::Sctp => Protocol::Sctp,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FamilyArg {
+    #[value(name = "IPv4", alias = "ipv4", alias = "4")]
+    V4,
+    #[value(name = "IPv6", alias = "ipv6", alias = "6")]
+    V6,
+}
+
+fn load(path: &str) -> Result<World, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let (world, warnings) = load_snapshot(path, &text).map_err(|e| e.to_string())?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(world)
+}
+
+fn explain(
+    world: &World,
+    from: &PodKey,
+    to: &PodKey,
+    port: u16,
+    protocol: Protocol,
+    family: Option<Family>,
+) -> Result<bool, String> {
+    let server = world
+        .index
+        .pods
+        .get(to)
+        .ok_or_else(|| format!("pod {to} is not in the snapshot"))?;
+    let families: Vec<Family> = match family {
+        Some(f) => vec![f],
+        None => Family::ALL
+            .into_iter()
+            .filter(|f| server.ip(*f).is_some())
+            .collect(),
+    };
+    if families.is_empty() {
+        return Err(format!("pod {to} has no IP address"));
+    }
+    let mut all = true;
+    for family in families {
+        let v =
+            allowed(&world.index, from, to, protocol, port, family).map_err(|e| e.to_string())?;
+        let pods = &world.index.pods;
+        let addr = |k: &PodKey| {
+            pods.get(k)
+                .and_then(|p| p.ip(family))
+                .map(|ip| ip.to_string())
+                .unwrap_or_default()
+        };
+        println!(
+            "{from} -> {to} {protocol}/{port} over {family} ({} -> {}): {}",
+            addr(from),
+            addr(to),
+            if v.allowed() { "ALLOWED" } else { "DENIED" }
+        );
+        println!("  egress of {from}: {}", v.egress);
+        println!("  ingress of {to}: {}", v.ingress);
+        all &= v.allowed();
+    }
+    Ok(all)
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Explain {
+            snapshot,
+            from,
+            to,
+            port,
+            protocol,
+            family,
+        } => {
+            let world = load(&snapshot)?;
+            let family = family.map(|f| match f {
+                FamilyArg::V4 => Family::V4,
+                FamilyArg::V6 => Family::V6,
+            });
+            let ok = explain(&world, &from, &to, port, protocol.into(), family)?;
+            // Like grep: 0 when allowed, 1 when denied, 2 on errors.
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Render { snapshot, node } => {
+            let world = load(&snapshot)?;
+            if !world.nodes.contains_key(&node) {
+                let known: Vec<&str> = world.nodes.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "node {node:?} is not in the snapshot (nodes: {})",
+                    known.join(", ")
+                ));
+            }
+            let compiled = compile_node(&world.index, &node);
+            for p in &compiled.problems {
+                eprintln!("warning: {}: {}", p.object, p.message);
+            }
+            print!("{}", sluice::nft::render(&compiled.ruleset));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
