@@ -61,6 +61,9 @@ pub struct Set {
 pub enum Match {
     /// `ct state established,related`
     Established,
+    /// IPv6 neighbour discovery (solicit, advert). It resolves link-layer addresses on the
+    /// bridge and is not a connection; dropping it would cut off allowed traffic on the same node.
+    NeighborDiscovery,
     /// `meta l4proto tcp`
     Protocol(Protocol),
     /// `th dport 80` or `th dport 80-90` (after a Protocol match)
@@ -349,11 +352,18 @@ fn base_chain(direction: Direction) -> Chain {
         Direction::Egress => (Side::Source, EGRESS_PRIORITY),
         Direction::Ingress => (Side::Destination, INGRESS_PRIORITY),
     };
-    let mut rules = vec![Rule {
-        matches: vec![Match::Established],
-        action: Action::Accept,
-        comment: None,
-    }];
+    let mut rules = vec![
+        Rule {
+            matches: vec![Match::Established],
+            action: Action::Accept,
+            comment: None,
+        },
+        Rule {
+            matches: vec![Match::NeighborDiscovery],
+            action: Action::Accept,
+            comment: None,
+        },
+    ];
     for family in Family::ALL {
         rules.push(Rule {
             matches: vec![],

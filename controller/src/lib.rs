@@ -9,6 +9,7 @@ pub mod model;
 pub mod nft;
 pub mod policy;
 pub mod selector;
+pub mod simulate;
 pub mod snapshot;
 #[cfg(test)]
 mod testutil;

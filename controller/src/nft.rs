@@ -54,6 +54,9 @@ fn comment(text: &str) -> String {
 pub fn match_text(m: &Match) -> String {
     match m {
         Match::Established => "ct state established,related".into(),
+        Match::NeighborDiscovery => {
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert }".into()
+        }
         Match::Protocol(p) => format!("meta l4proto {}", p.nft_name()),
         Match::Dport(lo, hi) if lo == hi => format!("th dport {lo}"),
         Match::Dport(lo, hi) => format!("th dport {lo}-{hi}"),

@@ -355,12 +355,14 @@ impl World {
             "Node" => {
                 self.nodes.remove(name);
             }
-            other => return Err(doc_error(
-                "spec.kind",
-                format!(
+            other => {
+                return Err(doc_error(
+                    "spec.kind",
+                    format!(
                     "cannot delete kind {other:?} (expected Pod, NetworkPolicy, Namespace or Node)"
                 ),
-            )),
+                ))
+            }
         }
         Ok(())
     }

@@ -1,0 +1,7 @@
+//! The lab: scenario files (../shared/SCENARIOS.md) run against the real kernel in network namespaces.
+
+pub mod matrix;
+pub mod netns;
+pub mod probe;
+pub mod runner;
+pub mod scenario;
