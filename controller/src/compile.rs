@@ -123,7 +123,8 @@ pub struct Ruleset {
     pub chains: BTreeMap<String, Chain>,
 }
 
-/// Something in the input we could not compile as written; compiled fail-closed instead.
+/// Something about this node we could not compile as written (e.g. two pods claiming one IP).
+/// Policy errors are not repeated here: they are reported once, when the policy is indexed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
     pub object: String,
@@ -242,15 +243,6 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
         .values()
         .filter(|p| p.node.as_deref() == Some(node) && p.owns_ips() && !p.ips.is_empty())
         .collect();
-
-    for policy in index.policies.values() {
-        for e in &policy.errors {
-            out.problems.push(Problem {
-                object: format!("NetworkPolicy {}", policy.key),
-                message: format!("{e}; this rule allows nothing"),
-            });
-        }
-    }
 
     for direction in Direction::ALL {
         let mut groups: BTreeMap<Vec<PolicyKey>, Vec<&PodInfo>> = BTreeMap::new();
@@ -709,7 +701,7 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_rule_compiles_to_nothing_and_is_reported() {
+    fn a_broken_rule_compiles_to_nothing() {
         let mut idx = three_namespaces();
         add_policy(
             &mut idx,
@@ -718,10 +710,10 @@ mod tests {
             r#"{"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "nonsense"}}]}, {"ports": [{"port": 81}]}]}"#,
         );
         let out = compile_node(&idx, "node-1");
-        assert_eq!(out.problems.len(), 1);
-        assert!(out.problems[0]
-            .message
-            .contains("spec.ingress[0].from[0].ipBlock.cidr"));
+        assert!(
+            out.problems.is_empty(),
+            "policy errors are reported when indexed"
+        );
         let chain = &out.ruleset.chains["in.x.p"];
         assert_eq!(chain.rules.len(), 1, "only the port-81 rule remains");
         assert_eq!(

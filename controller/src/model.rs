@@ -258,6 +258,19 @@ pub struct FieldError {
     pub message: String,
 }
 
+impl FieldError {
+    /// What sluice does about this error in a policy, for people reading the report.
+    pub fn consequence(&self) -> &'static str {
+        if self.field.starts_with("spec.podSelector") {
+            "the policy selects no pods until this is fixed"
+        } else if self.field.starts_with("spec.policyTypes") {
+            "both directions are isolated"
+        } else {
+            "this rule allows nothing; the policy still isolates the pods it selects"
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Direction {
     Ingress,
@@ -480,7 +493,7 @@ pub fn policy_info(policy: &NetworkPolicy) -> Result<PolicyInfo, ObjectError> {
                         // Unknown type: isolate both ways rather than open anything.
                         errors.push(field_error(
                             format!("spec.policyTypes[{i}]"),
-                            format!("unknown policy type {other:?} (expected Ingress or Egress); isolating both directions"),
+                            format!("unknown policy type {other:?} (expected Ingress or Egress)"),
                         ));
                         isolates_ingress = true;
                         isolates_egress = true;

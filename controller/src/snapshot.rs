@@ -268,7 +268,7 @@ impl World {
                 let warnings = info
                     .errors
                     .iter()
-                    .map(|e| format!("NetworkPolicy {}: {e}; enforced fail-closed (this part allows nothing)", info.key))
+                    .map(|e| format!("NetworkPolicy {}: {e}: {}", info.key, e.consequence()))
                     .collect();
                 self.index.apply_policy(info);
                 Ok(warnings)
