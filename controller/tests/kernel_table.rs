@@ -1,0 +1,294 @@
+//! The nftables edge against the real kernel (root only; each test uses its own network
+//! namespace, removed even when the test fails).
+//!
+//! The key property: applying a sequence of changes as diffs leaves exactly the table that
+//! loading the final ruleset from scratch gives.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde_json::Value;
+use sluice::compile::{compile_node, Ruleset};
+use sluice::model::{policy_info, ContainerPort, Index, NamespaceInfo, Phase, PodInfo, Protocol};
+use sluice::nft::{Nft, NftError, TableState};
+
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "slt-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip")
+            .success();
+        assert!(ok, "ip netns add {name}");
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn nft(ns: &Netns, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft"])
+        .args(args)
+        .output()
+        .expect("nft");
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The table as the kernel has it, without handles and counters, sets' elements sorted and
+/// rules kept in chain order: equal iff the kernel state is the same.
+fn kernel_state(ns: &Netns) -> BTreeMap<String, Value> {
+    let json: Value =
+        serde_json::from_str(&nft(ns, &["-j", "list", "table", "inet", "sluice"])).expect("json");
+    let mut state = BTreeMap::new();
+    let mut rules: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for item in json["nftables"].as_array().expect("array") {
+        let Some((kind, body)) = item.as_object().and_then(|o| o.iter().next()) else {
+            continue;
+        };
+        let mut body = body.clone();
+        if let Some(o) = body.as_object_mut() {
+            o.remove("handle");
+        }
+        match kind.as_str() {
+            "set" | "map" | "chain" => {
+                if let Some(elems) = body.get_mut("elem").and_then(Value::as_array_mut) {
+                    elems.sort_by_key(|e| e.to_string());
+                }
+                let name = body["name"].as_str().unwrap_or("").to_string();
+                state.insert(format!("{kind} {name}"), body);
+            }
+            "rule" => {
+                let chain = body["chain"].as_str().unwrap_or("").to_string();
+                // Counters change with traffic; they are state, not configuration.
+                let text = body["expr"].to_string();
+                let text = regex_free_counter_strip(&text);
+                rules.entry(chain).or_default().push(Value::String(text));
+            }
+            _ => {}
+        }
+    }
+    for (chain, list) in rules {
+        state.insert(format!("rules {chain}"), Value::Array(list));
+    }
+    state
+}
+
+fn regex_free_counter_strip(text: &str) -> String {
+    text.replace(
+        r#"{"counter":{"bytes":0,"packets":0}}"#,
+        r#"{"counter":{}}"#,
+    )
+}
+
+fn mk_pod(key: &str, node: &str, ip4: &str, ip6: &str, labels: &[(&str, &str)]) -> PodInfo {
+    PodInfo {
+        key: key.parse().expect("key"),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        node: Some(node.into()),
+        host_network: false,
+        phase: Phase::Running,
+        ips: vec![ip4.parse().expect("ip"), ip6.parse().expect("ip")],
+        ports: vec![ContainerPort {
+            name: Some("http".into()),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }],
+    }
+}
+
+fn add_policy(idx: &mut Index, ns: &str, name: &str, spec: Value) {
+    let p: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": ns, "name": name}, "spec": spec
+    }))
+    .expect("policy");
+    idx.apply_policy(policy_info(&p).expect("policy info"));
+}
+
+fn base_index() -> Index {
+    let mut idx = Index::default();
+    for ns in ["shop", "other"] {
+        idx.apply_namespace(NamespaceInfo {
+            name: ns.into(),
+            labels: [("kubernetes.io/metadata.name".to_string(), ns.to_string())].into(),
+        });
+    }
+    idx.apply_pod(mk_pod(
+        "shop/frontend",
+        "node-1",
+        "10.244.1.2",
+        "fd00:10:244:1::2",
+        &[("app", "frontend")],
+    ));
+    idx.apply_pod(mk_pod(
+        "shop/backend",
+        "node-1",
+        "10.244.1.3",
+        "fd00:10:244:1::3",
+        &[("app", "backend")],
+    ));
+    idx.apply_pod(mk_pod(
+        "other/intruder",
+        "node-2",
+        "10.244.2.2",
+        "fd00:10:244:2::2",
+        &[],
+    ));
+    idx
+}
+
+/// A sequence of cluster states touching every kind of change.
+fn states() -> Vec<Index> {
+    let mut out = Vec::new();
+    let mut idx = base_index();
+    out.push(idx.clone());
+    add_policy(
+        &mut idx,
+        "shop",
+        "backend",
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"app": "backend"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "frontend"}}}], "ports": [{"port": "http"}]}]
+        }),
+    );
+    out.push(idx.clone());
+    idx.apply_pod(mk_pod(
+        "shop/frontend-2",
+        "node-2",
+        "10.244.2.3",
+        "fd00:10:244:2::3",
+        &[("app", "frontend")],
+    ));
+    out.push(idx.clone());
+    add_policy(
+        &mut idx,
+        "shop",
+        "deny-egress",
+        serde_json::json!({
+            "podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.244.0.0/16", "except": ["10.244.2.0/24"]}}]},
+                       {"to": [{"namespaceSelector": {}}], "ports": [{"protocol": "UDP", "port": 53, "endPort": 60}]}]
+        }),
+    );
+    out.push(idx.clone());
+    idx.apply_pod(mk_pod(
+        "shop/backend",
+        "node-1",
+        "10.244.1.3",
+        "fd00:10:244:1::3",
+        &[("app", "db")],
+    ));
+    out.push(idx.clone());
+    idx.delete_policy(&"shop/backend".parse().expect("key"));
+    out.push(idx.clone());
+    idx.delete_pod(&"shop/frontend".parse().expect("key"));
+    idx.delete_policy(&"shop/deny-egress".parse().expect("key"));
+    out.push(idx.clone());
+    out
+}
+
+#[test]
+fn diffs_leave_exactly_the_table_a_fresh_load_gives() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let incremental = Netns::new("inc");
+    let mut table = TableState::new(Nft::in_netns(&incremental.0));
+    for (i, idx) in states().iter().enumerate() {
+        let rs: Ruleset = compile_node(idx, "node-1").ruleset;
+        let applied = table.sync(&rs).unwrap_or_else(|e| panic!("state {i}: {e}"));
+        assert_eq!(
+            applied.full,
+            i == 0,
+            "state {i}: only the first sync replaces the table"
+        );
+        let fresh = Netns::new("fresh");
+        TableState::new(Nft::in_netns(&fresh.0))
+            .sync(&rs)
+            .expect("fresh load");
+        let state = kernel_state(&incremental);
+        assert!(
+            state.contains_key("rules ingress"),
+            "the listing was read: {state:?}"
+        );
+        assert_eq!(state, kernel_state(&fresh), "state {i}");
+    }
+}
+
+#[test]
+fn the_first_sync_replaces_whatever_table_is_there() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let ns = Netns::new("repl");
+    Nft::in_netns(&ns.0)
+        .apply("table inet sluice {\n chain stale {\n type filter hook forward priority 0; policy drop;\n }\n}\n")
+        .expect("stale table");
+    let rs = compile_node(&states()[1], "node-1").ruleset;
+    TableState::new(Nft::in_netns(&ns.0))
+        .sync(&rs)
+        .expect("sync");
+    let listing = nft(&ns, &["list", "table", "inet", "sluice"]);
+    assert!(!listing.contains("stale"), "{listing}");
+    assert!(listing.contains("chain in.shop.backend"), "{listing}");
+}
+
+#[test]
+fn after_a_failed_apply_the_next_sync_replaces_the_table() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let ns = Netns::new("fail");
+    let all = states();
+    let mut table = TableState::new(Nft::in_netns(&ns.0));
+    table
+        .sync(&compile_node(&all[1], "node-1").ruleset)
+        .expect("first");
+    // Someone removes the table behind our back: the diff cannot apply.
+    nft(&ns, &["delete", "table", "inet", "sluice"]);
+    let next = compile_node(&all[2], "node-1").ruleset;
+    let err = table
+        .sync(&next)
+        .expect_err("a diff against a missing table fails");
+    assert!(matches!(err, NftError::Rejected { .. }), "{err}");
+    let again = table.sync(&next).expect("replaced whole");
+    assert!(again.full);
+    let fresh = Netns::new("fresh");
+    TableState::new(Nft::in_netns(&fresh.0))
+        .sync(&next)
+        .expect("fresh");
+    assert_eq!(kernel_state(&ns), kernel_state(&fresh));
+}
