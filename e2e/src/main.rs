@@ -119,6 +119,7 @@ fn main() -> ExitCode {
             Some(Options {
                 timeout: *timeout,
                 parallelism: (*parallelism).max(1),
+                progress: !*json,
             }),
         ),
         Command::Check { files, json } => (files.clone(), *json, None),

@@ -58,6 +58,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Concurrent probe threads.
     pub parallelism: usize,
+    /// Say on stderr what each checkpoint applies and probes.
+    pub progress: bool,
 }
 
 impl Default for Options {
@@ -65,6 +67,7 @@ impl Default for Options {
         Self {
             timeout: Duration::from_secs(1),
             parallelism: 256,
+            progress: false,
         }
     }
 }
@@ -368,12 +371,23 @@ impl Lab {
     }
 
     /// Bring kernel and namespaces to the world: rules first (as the CNI gate does), then pods.
-    fn sync(&mut self, rulesets: &BTreeMap<String, Ruleset>, world: &World) -> anyhow::Result<()> {
+    /// Returns what was applied on each node, e.g. `node-1: diff of 4 commands`.
+    fn sync(
+        &mut self,
+        rulesets: &BTreeMap<String, Ruleset>,
+        world: &World,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut applied = Vec::new();
         for (node, rs) in rulesets {
             if let Some(table) = self.tables.get_mut(node) {
-                table
+                let a = table
                     .sync(rs)
                     .with_context(|| format!("applying the ruleset of {node}"))?;
+                applied.push(match (a.full, a.commands) {
+                    (true, n) => format!("{node}: table loaded ({n} lines)"),
+                    (false, 0) => format!("{node}: unchanged"),
+                    (false, n) => format!("{node}: diff of {n} commands"),
+                });
             }
         }
         let desired: BTreeMap<String, PodSpec> = world
@@ -414,7 +428,7 @@ impl Lab {
         for s in new {
             self.pods.insert(s.key.clone(), s);
         }
-        Ok(())
+        Ok(applied)
     }
 }
 
@@ -451,7 +465,11 @@ pub fn run(scn: &Scenario, opts: &Options) -> Result<ScenarioRun, RunError> {
             i += 1;
         }
         let rulesets = compile_all(&world, &node_names, &mut run.warnings);
-        lab.sync(&rulesets, &world).map_err(RunError::Lab)?;
+        let applied = lab.sync(&rulesets, &world).map_err(RunError::Lab)?;
+        if opts.progress {
+            let docs: Vec<String> = group.iter().map(|(d, _)| d.to_string()).collect();
+            eprintln!("  checkpoint at document {}: {}", docs.join(", "), applied.join("; "));
+        }
         run.reports
             .extend(probe_group(scn, &mut lab, &world, &rulesets, &group, opts)?);
     }
@@ -551,6 +569,9 @@ fn probe_group(
     let mut results: BTreeMap<(usize, PodKey, PodKey), CellResults> = BTreeMap::new();
     for (timeout, items) in waves {
         let reqs: Vec<ProbeReq> = items.iter().map(|a| a.req.clone()).collect();
+        if opts.progress {
+            eprintln!("  probing {} connections (timeout {timeout:?})", reqs.len());
+        }
         let outcomes = run_probes(&reqs, timeout, opts.parallelism);
         for (a, outcome) in items.into_iter().zip(outcomes) {
             let (ok, why) = match outcome {
