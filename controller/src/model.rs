@@ -780,11 +780,4 @@ impl Index {
             .filter(|p| p.rules(direction).is_some() && p.selects(pod))
             .collect()
     }
-
-    /// The pod that owns `ip`, if any (hostNetwork and finished pods own nothing).
-    pub fn owner_of(&self, ip: &IpAddr) -> Option<&PodInfo> {
-        self.pods
-            .values()
-            .find(|p| p.owns_ips() && p.ips.contains(ip))
-    }
 }

@@ -194,11 +194,6 @@ pub fn replace_script(ruleset: &Ruleset) -> String {
     )
 }
 
-/// Remove the table (uninstall). Harmless when it does not exist.
-pub fn delete_script() -> String {
-    format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
-}
-
 /// The commands that turn `old` into `new`, in an order the kernel accepts inside one
 /// transaction: sets and chains exist before anything refers to them and are removed after the
 /// last reference is gone. `None` when nothing changed.
@@ -378,25 +373,6 @@ impl Nft {
             })
         }
     }
-
-    /// `nft list table inet sluice`, for people and drift checks.
-    pub fn list(&self) -> Result<String, NftError> {
-        let table = format!("inet {TABLE}");
-        let mut cmd = self.command(&["list", "table"]);
-        cmd.args(table.split(' '));
-        let describe = format!("{cmd:?}");
-        let out = cmd.output().map_err(|source| NftError::Spawn {
-            command: describe,
-            source,
-        })?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(NftError::Rejected {
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            })
-        }
-    }
 }
 
 /// What one sync did.
@@ -451,11 +427,6 @@ impl TableState {
                 Err(e)
             }
         }
-    }
-
-    /// Forget what was applied: the next sync replaces the table (drift repair).
-    pub fn invalidate(&mut self) {
-        self.applied = None;
     }
 }
 

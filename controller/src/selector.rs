@@ -96,10 +96,6 @@ impl Selector {
         Ok(Self { requirements })
     }
 
-    pub fn is_everything(&self) -> bool {
-        self.requirements.is_empty()
-    }
-
     pub fn matches(&self, labels: &Labels) -> bool {
         self.requirements.iter().all(|r| match r {
             Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),

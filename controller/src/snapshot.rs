@@ -168,13 +168,6 @@ impl World {
             .or_insert_with(|| NodeInfo::default_for(name, number))
     }
 
-    /// Nodes in order of first mention.
-    pub fn nodes_in_order(&self) -> Vec<&NodeInfo> {
-        let mut nodes: Vec<&NodeInfo> = self.nodes.values().collect();
-        nodes.sort_by_key(|n| n.number);
-        nodes
-    }
-
     fn used_ips(&self, except: &PodKey) -> BTreeSet<IpAddr> {
         self.index
             .pods

@@ -468,7 +468,11 @@ pub fn run(scn: &Scenario, opts: &Options) -> Result<ScenarioRun, RunError> {
         let applied = lab.sync(&rulesets, &world).map_err(RunError::Lab)?;
         if opts.progress {
             let docs: Vec<String> = group.iter().map(|(d, _)| d.to_string()).collect();
-            eprintln!("  checkpoint at document {}: {}", docs.join(", "), applied.join("; "));
+            eprintln!(
+                "  checkpoint at document {}: {}",
+                docs.join(", "),
+                applied.join("; ")
+            );
         }
         run.reports
             .extend(probe_group(scn, &mut lab, &world, &rulesets, &group, opts)?);
