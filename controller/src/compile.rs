@@ -493,22 +493,41 @@ fn policy_chain(policy: &PolicyInfo, direction: Direction, requests: &mut SetReq
 }
 
 fn fill_sets(index: &Index, requests: &SetRequests, ruleset: &mut Ruleset) {
-    let owners: Vec<&PodInfo> = index.pods.values().filter(|p| p.owns_ips()).collect();
+    // Pods that own IPs, by namespace: a peer first picks namespaces, then matches only the pods
+    // in those, instead of every pod in the cluster.
+    let mut by_namespace: BTreeMap<&str, Vec<&PodInfo>> = BTreeMap::new();
+    for pod in index.pods.values().filter(|p| p.owns_ips()) {
+        by_namespace
+            .entry(pod.key.namespace.as_str())
+            .or_default()
+            .push(pod);
+    }
+    let mut families_of: BTreeMap<&PodPeer, Vec<Family>> = BTreeMap::new();
     for (peer, family) in &requests.peers {
-        let elements = owners
+        families_of.entry(peer).or_default().push(*family);
+    }
+    for (peer, families) in families_of {
+        let members: Vec<&PodInfo> = by_namespace
             .iter()
-            .filter(|p| index.pod_peer_matches(&peer.namespaces, &peer.pods, p))
-            .filter_map(|p| p.ip(*family))
-            .map(Element::Addr)
+            .filter(|(ns, _)| index.namespace_matches(&peer.namespaces, ns))
+            .flat_map(|(_, pods)| pods.iter().copied())
+            .filter(|p| peer.pods.matches(&p.labels))
             .collect();
-        ruleset.sets.insert(
-            peer.set_name(*family),
-            Set {
-                kind: SetKind::Addrs(*family),
-                elements,
-                comment: peer.describe(),
-            },
-        );
+        for family in families {
+            let elements = members
+                .iter()
+                .filter_map(|p| p.ip(family))
+                .map(Element::Addr)
+                .collect();
+            ruleset.sets.insert(
+                peer.set_name(family),
+                Set {
+                    kind: SetKind::Addrs(family),
+                    elements,
+                    comment: peer.describe(),
+                },
+            );
+        }
     }
     for block in &requests.blocks {
         let elements = block_ranges(block)
@@ -529,15 +548,29 @@ fn fill_sets(index: &Index, requests: &SetRequests, ruleset: &mut Ruleset) {
             },
         );
     }
-    for (name, protocol, family) in &requests.named_ports {
-        let elements = owners
-            .iter()
-            .filter_map(|p| {
-                let ip = p.ip(*family)?;
-                let port = p.named_port(name, *protocol)?;
-                Some(Element::AddrPort(ip, port))
-            })
-            .collect();
+    let mut named: BTreeMap<&(String, Protocol, Family), BTreeSet<Element>> = requests
+        .named_ports
+        .iter()
+        .map(|k| (k, BTreeSet::new()))
+        .collect();
+    if !named.is_empty() {
+        for pod in by_namespace.values().flatten() {
+            for port in &pod.ports {
+                let Some(name) = &port.name else { continue };
+                for ip in &pod.ips {
+                    let key = (name.clone(), port.protocol, Family::of(ip));
+                    // The first declaration of a name wins, as named_port() resolves it.
+                    if pod.named_port(name, port.protocol) != Some(port.port) {
+                        continue;
+                    }
+                    if let Some(elements) = named.get_mut(&key) {
+                        elements.insert(Element::AddrPort(*ip, port.port));
+                    }
+                }
+            }
+        }
+    }
+    for ((name, protocol, family), elements) in named {
         ruleset.sets.insert(
             named_port_set_name(name, *protocol, *family),
             Set {

@@ -749,7 +749,7 @@ impl Index {
         }
     }
 
-    fn namespace_matches(&self, scope: &NamespaceScope, namespace: &str) -> bool {
+    pub fn namespace_matches(&self, scope: &NamespaceScope, namespace: &str) -> bool {
         match scope {
             NamespaceScope::Own(own) => own == namespace,
             NamespaceScope::Selected(sel) => match self.namespaces.get(namespace) {
