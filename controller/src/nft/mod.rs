@@ -7,9 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use crate::compile::{
     Action, Chain, ChainKind, Element, Match, Rule, Ruleset, Set, SetKind, Side, TABLE,
@@ -308,127 +306,9 @@ pub fn diff_script(old: &Ruleset, new: &Ruleset) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum NftError {
-    #[error("could not run {command}: {source}")]
-    Spawn {
-        command: String,
-        source: std::io::Error,
-    },
-    #[error("nft rejected the transaction (nothing was changed): {stderr}")]
-    Rejected { stderr: String },
-}
+mod apply;
 
-/// Where `nft` runs: this network namespace, or a named one (`ip netns exec`).
-#[derive(Clone, Debug, Default)]
-pub struct Nft {
-    pub netns: Option<String>,
-}
-
-impl Nft {
-    pub fn in_netns(netns: impl Into<String>) -> Self {
-        Self {
-            netns: Some(netns.into()),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "nft"]).args(args);
-                c
-            }
-            None => {
-                let mut c = Command::new("nft");
-                c.args(args);
-                c
-            }
-        }
-    }
-
-    /// Run a script as one atomic transaction.
-    pub fn apply(&self, script: &str) -> Result<(), NftError> {
-        let mut cmd = self.command(&["-f", "-"]);
-        let describe = format!("{cmd:?}");
-        let spawn_err = |source| NftError::Spawn {
-            command: describe.clone(),
-            source,
-        };
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_err)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(script.as_bytes()).map_err(spawn_err)?;
-        }
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(NftError::Rejected {
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            })
-        }
-    }
-}
-
-/// What one sync did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Applied {
-    /// The table was replaced whole (first sync, or after a failure).
-    pub full: bool,
-    /// Commands in the transaction (0: nothing changed, nothing ran).
-    pub commands: usize,
-}
-
-/// The table as last applied, kept in memory so that each sync applies only the difference
-/// (never reading big sets back from the kernel).
-#[derive(Debug, Default)]
-pub struct TableState {
-    nft: Nft,
-    applied: Option<Ruleset>,
-}
-
-impl TableState {
-    pub fn new(nft: Nft) -> Self {
-        Self { nft, applied: None }
-    }
-
-    pub fn applied(&self) -> Option<&Ruleset> {
-        self.applied.as_ref()
-    }
-
-    /// Bring the kernel to `desired` in one transaction. After a failure the state is unknown,
-    /// so the next sync replaces the table whole.
-    pub fn sync(&mut self, desired: &Ruleset) -> Result<Applied, NftError> {
-        let (script, full) = match &self.applied {
-            None => (replace_script(desired), true),
-            Some(old) => match diff_script(old, desired) {
-                None => {
-                    return Ok(Applied {
-                        full: false,
-                        commands: 0,
-                    })
-                }
-                Some(s) => (s, false),
-            },
-        };
-        let commands = script.lines().filter(|l| !l.trim().is_empty()).count();
-        match self.nft.apply(&script) {
-            Ok(()) => {
-                self.applied = Some(desired.clone());
-                Ok(Applied { full, commands })
-            }
-            Err(e) => {
-                self.applied = None;
-                Err(e)
-            }
-        }
-    }
-}
+pub use apply::{Applied, Nft, NftError, TableState};
 
 #[cfg(test)]
 mod tests {
