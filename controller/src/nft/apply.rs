@@ -30,8 +30,8 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(30);
 /// deferred destruction on netlink socket close, which waits for an RCU grace period (5-25 ms
 /// measured) after any transaction that deleted something.
 ///
-/// Completion is detected with a sentinel: after the transaction we send a command that fails in
-/// a known way (`list chain` of a chain that never exists) and read output until nft echoes it.
+/// Completion is detected with a sentinel: after the transaction we send a line that nft rejects
+/// while parsing (`sluice-sync-N`) and read output until nft echoes it back in its error.
 /// Anything nft printed before the sentinel's error belongs to the transaction.
 struct Session {
     child: Child,
@@ -83,11 +83,9 @@ impl Session {
     /// Commit `commands` (one per line, no blocks spanning lines) as one transaction.
     fn apply(&mut self, commands: &str) -> Result<(), NftError> {
         self.sequence += 1;
-        let sentinel = format!(
-            "list chain inet {} sluice-sync-{}",
-            super::TABLE,
-            self.sequence
-        );
+        // Not a command, so nft rejects it while parsing: it needs nothing from the kernel (a
+        // `list` would make nft fetch the whole table, every element, into its cache first).
+        let sentinel = format!("sluice-sync-{}", self.sequence);
         let batch: Vec<&str> = commands
             .lines()
             .map(str::trim)
