@@ -1,7 +1,9 @@
 //! The lab: scenario files (../shared/SCENARIOS.md) run against the real kernel in network namespaces.
 
+pub mod gen;
 pub mod matrix;
 pub mod netns;
 pub mod probe;
 pub mod runner;
 pub mod scenario;
+pub mod synth;

@@ -1,15 +1,16 @@
 //! `sluice-lab`: scenario files (../shared/SCENARIOS.md) against the real kernel, in network
 //! namespaces on this machine. Run it through `e2e/lab`, which builds it first.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+use sluice_e2e::gen::{generate, Size};
 use sluice_e2e::matrix::{summary_line, Report};
 use sluice_e2e::runner::{self, Options, RunError, ScenarioRun};
-use sluice_e2e::scenario::{load_scenario, parse_duration, Scenario};
+use sluice_e2e::scenario::{load_scenario, parse_duration, parse_scenario, Scenario};
 
 /// The sluice lab: NetworkPolicy scenarios on the real kernel.
 ///
@@ -55,6 +56,54 @@ enum Command {
         files: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Print one random differential scenario (expected matrices from the reference evaluator).
+    ///
+    /// A random cluster, random policies and updates between checkpoints; every expected matrix
+    /// is the reference evaluator's answer. The same seed always gives the same file.
+    ///
+    /// Example: e2e/lab gen --seed 17 --out seed-17.yaml && e2e/lab run seed-17.yaml
+    Gen {
+        #[arg(long)]
+        seed: u64,
+        /// small (CI: 2-3 nodes, 4-8 pods, 1-5 policies) or large.
+        #[arg(long, default_value = "small")]
+        size: Size,
+        /// Write the scenario to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// The differential test: generated scenarios of many seeds, each run in the lab.
+    ///
+    /// Generates the scenarios of seeds FIRST..FIRST+N and runs each in the lab (or, with
+    /// --check-only, against the compiled rulesets without a kernel). One line per seed, then
+    /// `N passed, N failed` (cells); exit 1 on any failure. A seed that fails in the
+    /// lab is run once more and counts as failed only if it fails again (else it is reported as
+    /// flaky): the rules are deterministic, real connections on a loaded machine not quite.
+    ///
+    /// Example: e2e/lab fuzz --seeds 200 --first 1000 --save-failures /tmp/failed
+    Fuzz {
+        /// How many seeds.
+        #[arg(long)]
+        seeds: u64,
+        /// The first seed.
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+        /// small (CI: 2-3 nodes, 4-8 pods, 1-5 policies) or large.
+        #[arg(long, default_value = "small")]
+        size: Size,
+        /// Time a connection may take before it counts as denied.
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Connections tried at once.
+        #[arg(long, default_value_t = 256)]
+        parallelism: usize,
+        /// Write each failing seed's scenario here as seed-N.yaml (rerun with `e2e/lab run`).
+        #[arg(long, value_name = "DIR")]
+        save_failures: Option<PathBuf>,
+        /// No kernel: check every cell against the evaluator and the simulated compiled rulesets.
+        #[arg(long)]
+        check_only: bool,
     },
 }
 
@@ -108,6 +157,24 @@ fn json_of(r: &FileResult) -> serde_json::Value {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (files, json, lab) = match &cli.command {
+        Command::Gen { seed, size, out } => return gen_command(*seed, *size, out.as_deref()),
+        Command::Fuzz {
+            seeds,
+            first,
+            size,
+            timeout,
+            parallelism,
+            save_failures,
+            check_only,
+        } => {
+            let lab = (!check_only).then(|| Options {
+                timeout: *timeout,
+                parallelism: (*parallelism).max(1),
+                // One line per seed is the progress here.
+                progress: false,
+            });
+            return fuzz_command(*first, *seeds, *size, lab, save_failures.as_deref());
+        }
         Command::Run {
             files,
             timeout,
@@ -125,13 +192,8 @@ fn main() -> ExitCode {
         Command::Check { files, json } => (files.clone(), *json, None),
     };
     if lab.is_some() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("e2e/lab: the lab creates network namespaces and needs root (try sudo)");
-            return ExitCode::from(1);
-        }
-        if let Err(e) = sluice_e2e::netns::install_signal_cleanup() {
-            eprintln!("e2e/lab: {e:#}");
-            return ExitCode::from(1);
+        if let Err(code) = prepare_lab() {
+            return code;
         }
     }
     let mut results = Vec::new();
@@ -190,5 +252,236 @@ fn main() -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Root, and cleanup of the lab on Ctrl-C.
+fn prepare_lab() -> Result<(), ExitCode> {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("e2e/lab: the lab creates network namespaces and needs root (try sudo)");
+        return Err(ExitCode::from(1));
+    }
+    if let Err(e) = sluice_e2e::netns::install_signal_cleanup() {
+        eprintln!("e2e/lab: {e:#}");
+        return Err(ExitCode::from(1));
+    }
+    Ok(())
+}
+
+fn gen_command(seed: u64, size: Size, out: Option<&Path>) -> ExitCode {
+    let text = generate(seed, size);
+    match out {
+        None => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Some(path) => match std::fs::write(path, text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("e2e/lab: cannot write {}: {e}", path.display());
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+/// What one seed came to.
+struct SeedResult {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+    /// Why the seed failed besides cells (invalid scenario, lab error, warnings, a panic).
+    problems: Vec<String>,
+    /// The failing probes, rendered.
+    failures: Vec<String>,
+}
+
+impl SeedResult {
+    fn bad(&self) -> bool {
+        self.failed > 0 || !self.problems.is_empty()
+    }
+
+    fn print_details(&self) {
+        for p in &self.problems {
+            println!("  {p}");
+        }
+        for f in &self.failures {
+            for l in f.lines() {
+                println!("  {l}");
+            }
+        }
+    }
+}
+
+fn run_seed(text: &str, name: &str, lab: Option<&Options>) -> SeedResult {
+    let mut result = SeedResult {
+        passed: 0,
+        failed: 0,
+        skipped: 0,
+        problems: Vec::new(),
+        failures: Vec::new(),
+    };
+    let outcome = parse_scenario(name, text)
+        .map_err(|e| RunError::Invalid(e.to_string()))
+        .and_then(|scn| match lab {
+            Some(opts) => runner::run(&scn, opts),
+            None => runner::check(&scn),
+        });
+    match outcome {
+        Ok(run) => {
+            let (p, f, s) = totals(&run.reports);
+            (result.passed, result.failed, result.skipped) = (p, f, s);
+            // The generator writes only valid objects: a warning means sluice refused one.
+            result
+                .problems
+                .extend(run.warnings.iter().map(|w| format!("warning: {w}")));
+            result.failures = run
+                .reports
+                .iter()
+                .filter(|r| r.failed() > 0)
+                .map(Report::render_text)
+                .collect();
+        }
+        Err(e) => result.problems.push(format!("error: {e}")),
+    }
+    result
+}
+
+fn fuzz_command(
+    first: u64,
+    count: u64,
+    size: Size,
+    lab: Option<Options>,
+    save: Option<&Path>,
+) -> ExitCode {
+    if lab.is_some() {
+        if let Err(code) = prepare_lab() {
+            return code;
+        }
+    }
+    if let Some(dir) = save {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("e2e/lab: cannot create {}: {e}", dir.display());
+            return ExitCode::from(1);
+        }
+    }
+    let mode = if lab.is_some() { "lab" } else { "check only" };
+    eprintln!(
+        "fuzz: seeds {first}..{} (size {size}, {mode})",
+        first.saturating_add(count)
+    );
+    let started = Instant::now();
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    let mut bad_seeds = Vec::new();
+    let mut flaky_seeds = Vec::new();
+    for (n, seed) in (first..first.saturating_add(count)).enumerate() {
+        eprintln!("[{}/{count}] seed {seed}", n + 1);
+        let t = Instant::now();
+        let name = match size {
+            Size::Small => format!("seed-{seed}.yaml"),
+            other => format!("seed-{seed}-{other}.yaml"),
+        };
+        let (text, result, first_try) = match std::panic::catch_unwind(|| generate(seed, size)) {
+            Ok(text) => {
+                let result = run_seed(&text, &name, lab.as_ref());
+                // Real connections can fail for reasons of the moment (a loaded machine): a
+                // seed that fails in the lab is run once more and counts as failed only if it
+                // fails again. The rules are deterministic, so a rules bug fails both times.
+                let (result, first_try) = if lab.is_some() && result.bad() {
+                    let again = run_seed(&text, &name, lab.as_ref());
+                    if again.bad() {
+                        (result, None)
+                    } else {
+                        (again, Some(result))
+                    }
+                } else {
+                    (result, None)
+                };
+                (Some(text), result, first_try)
+            }
+            Err(panic) => (
+                None,
+                SeedResult {
+                    passed: 0,
+                    failed: 0,
+                    skipped: 0,
+                    problems: vec![format!(
+                        "error: the generator panicked (a generator bug): {}",
+                        panic
+                            .downcast_ref::<String>()
+                            .map(String::as_str)
+                            .or_else(|| panic.downcast_ref::<&str>().copied())
+                            .unwrap_or("?")
+                    )],
+                    failures: Vec::new(),
+                },
+                None,
+            ),
+        };
+        passed += result.passed;
+        failed += result.failed;
+        skipped += result.skipped;
+        let mut line = format!(
+            "seed {seed}: {} ({:.1}s)",
+            summary_line(result.passed, result.failed, result.skipped),
+            t.elapsed().as_secs_f64()
+        );
+        let bad = result.bad();
+        if bad {
+            bad_seeds.push(seed);
+        }
+        if first_try.is_some() {
+            flaky_seeds.push(seed);
+            line.push_str(" flaky: failed at first, passed when run again");
+        }
+        if bad || first_try.is_some() {
+            if let (Some(dir), Some(text)) = (save, &text) {
+                let path = dir.join(&name);
+                match std::fs::write(&path, text) {
+                    Ok(()) => line.push_str(&format!(" -> {}", path.display())),
+                    Err(e) => line.push_str(&format!(" (cannot save {}: {e})", path.display())),
+                }
+            }
+        }
+        println!("{line}");
+        if bad {
+            result.print_details();
+        }
+        if let Some(first) = &first_try {
+            println!("  the first run:");
+            first.print_details();
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "fuzz: {count} seeds in {secs:.1}s ({:.1} seeds/minute)",
+        count as f64 * 60.0 / secs.max(0.001)
+    );
+    if !flaky_seeds.is_empty() {
+        let list: Vec<String> = flaky_seeds.iter().map(u64::to_string).collect();
+        println!(
+            "{} of {count} seeds failed once and passed when run again (not counted): {}",
+            flaky_seeds.len(),
+            list.join(", ")
+        );
+    }
+    if !bad_seeds.is_empty() {
+        let list: Vec<String> = bad_seeds.iter().map(u64::to_string).collect();
+        println!(
+            "{} of {count} seeds failed: {}",
+            bad_seeds.len(),
+            list.join(", ")
+        );
+        if save.is_none() {
+            println!(
+                "(rerun one: e2e/lab gen --seed N --size {size} --out seed-N.yaml && e2e/lab run seed-N.yaml)"
+            );
+        }
+    }
+    println!("{}", summary_line(passed, failed, skipped));
+    if bad_seeds.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

@@ -427,6 +427,29 @@ struct NewPod<'a> {
     addrs: Vec<(IpAddr, u8, IpAddr)>,
 }
 
+/// A pod's MAC as the CNI bridge plugin makes it: `0a:58` and the pod's IPv4 address (else the
+/// last four bytes of its IPv6 address). Deterministic, so a pod that reuses an address also has
+/// the MAC its neighbours cached for it; a random MAC would be unreachable from pods holding the
+/// old neighbour entry until it expires.
+fn pod_mac(addrs: &[(IpAddr, u8, IpAddr)]) -> Option<String> {
+    let ip = addrs
+        .iter()
+        .map(|a| a.0)
+        .find(IpAddr::is_ipv4)
+        .or_else(|| addrs.first().map(|a| a.0))?;
+    let o = match ip {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(v6) => {
+            let b = v6.octets();
+            [b[12], b[13], b[14], b[15]]
+        }
+    };
+    Some(format!(
+        "0a:58:{:02x}:{:02x}:{:02x}:{:02x}",
+        o[0], o[1], o[2], o[3]
+    ))
+}
+
 /// Creates pod namespaces, veths, addresses and routes.
 fn build_pods(new: &[NewPod<'_>]) -> Result<()> {
     let adds: Vec<String> = new
@@ -441,8 +464,13 @@ fn build_pods(new: &[NewPod<'_>]) -> Result<()> {
         .iter()
         .map(|n| {
             format!(
-                "link add name eth0 netns {} type veth peer name {} netns {}",
-                n.netns, n.veth, n.node_ns
+                "link add name eth0{} netns {} type veth peer name {} netns {}",
+                pod_mac(&n.addrs)
+                    .map(|m| format!(" address {m}"))
+                    .unwrap_or_default(),
+                n.netns,
+                n.veth,
+                n.node_ns
             )
         })
         .collect();
@@ -544,8 +572,11 @@ impl LabNet {
                 "link add name eth0 netns {} type veth peer name {ul} netns {underlay}",
                 n.netns
             ));
+            // A fixed MAC: a bridge without one takes the lowest MAC of its ports and changes
+            // it when that port goes, and pods keep sending to the old gateway MAC.
             links.push(format!(
-                "link add name cni0 netns {} {bridge_opts}",
+                "link add name cni0 address 02:00:00:00:01:{:02x} netns {} {bridge_opts}",
+                n.spec.index & 0xff,
                 n.netns
             ));
         }

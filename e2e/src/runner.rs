@@ -576,7 +576,39 @@ fn probe_group(
         if opts.progress {
             eprintln!("  probing {} connections (timeout {timeout:?})", reqs.len());
         }
-        let outcomes = run_probes(&reqs, timeout, opts.parallelism);
+        let mut outcomes = run_probes(&reqs, timeout, opts.parallelism);
+        // A connection that should have worked but timed out is tried once more, alone in a
+        // smaller wave: on a loaded machine a first SYN can wait past the timeout. A connection
+        // that got through is never retried, so this can only turn a false X into a true `.`.
+        let retry: Vec<usize> = items
+            .iter()
+            .zip(&outcomes)
+            .enumerate()
+            .filter(|(_, (a, o))| {
+                matches!(o, Outcome::Failed(why) if why == "timeout")
+                    && group[a.probe]
+                        .1
+                        .expect
+                        .get(&a.from.to_string(), &a.to.to_string())
+                        == Some(Mark::Allowed)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if !retry.is_empty() {
+            if opts.progress {
+                eprintln!("  retrying {} connections that timed out", retry.len());
+            }
+            let again: Vec<ProbeReq> = retry.iter().map(|i| reqs[*i].clone()).collect();
+            for (i, o) in retry
+                .iter()
+                .zip(run_probes(&again, timeout, opts.parallelism))
+            {
+                outcomes[*i] = match o {
+                    Outcome::Connected => Outcome::Connected,
+                    Outcome::Failed(why) => Outcome::Failed(format!("{why}, twice")),
+                };
+            }
+        }
         for (a, outcome) in items.into_iter().zip(outcomes) {
             let (ok, why) = match outcome {
                 Outcome::Connected => (true, String::new()),
