@@ -77,9 +77,7 @@ enum Command {
     ///
     /// Generates the scenarios of seeds FIRST..FIRST+N and runs each in the lab (or, with
     /// --check-only, against the compiled rulesets without a kernel). One line per seed, then
-    /// `N passed, N failed` (cells); exit 1 on any failure. A seed that fails in the
-    /// lab is run once more and counts as failed only if it fails again (else it is reported as
-    /// flaky): the rules are deterministic, real connections on a loaded machine not quite.
+    /// `N passed, N failed` (cells); exit 1 on any failure.
     ///
     /// Example: e2e/lab fuzz --seeds 200 --first 1000 --save-failures /tmp/failed
     Fuzz {
@@ -373,7 +371,6 @@ fn fuzz_command(
     let started = Instant::now();
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let mut bad_seeds = Vec::new();
-    let mut flaky_seeds = Vec::new();
     for (n, seed) in (first..first.saturating_add(count)).enumerate() {
         eprintln!("[{}/{count}] seed {seed}", n + 1);
         let t = Instant::now();
@@ -381,23 +378,10 @@ fn fuzz_command(
             Size::Small => format!("seed-{seed}.yaml"),
             other => format!("seed-{seed}-{other}.yaml"),
         };
-        let (text, result, first_try) = match std::panic::catch_unwind(|| generate(seed, size)) {
+        let (text, result) = match std::panic::catch_unwind(|| generate(seed, size)) {
             Ok(text) => {
                 let result = run_seed(&text, &name, lab.as_ref());
-                // Real connections can fail for reasons of the moment (a loaded machine): a
-                // seed that fails in the lab is run once more and counts as failed only if it
-                // fails again. The rules are deterministic, so a rules bug fails both times.
-                let (result, first_try) = if lab.is_some() && result.bad() {
-                    let again = run_seed(&text, &name, lab.as_ref());
-                    if again.bad() {
-                        (result, None)
-                    } else {
-                        (again, Some(result))
-                    }
-                } else {
-                    (result, None)
-                };
-                (Some(text), result, first_try)
+                (Some(text), result)
             }
             Err(panic) => (
                 None,
@@ -415,7 +399,6 @@ fn fuzz_command(
                     )],
                     failures: Vec::new(),
                 },
-                None,
             ),
         };
         passed += result.passed;
@@ -430,11 +413,7 @@ fn fuzz_command(
         if bad {
             bad_seeds.push(seed);
         }
-        if first_try.is_some() {
-            flaky_seeds.push(seed);
-            line.push_str(" flaky: failed at first, passed when run again");
-        }
-        if bad || first_try.is_some() {
+        if bad {
             if let (Some(dir), Some(text)) = (save, &text) {
                 let path = dir.join(&name);
                 match std::fs::write(&path, text) {
@@ -447,24 +426,12 @@ fn fuzz_command(
         if bad {
             result.print_details();
         }
-        if let Some(first) = &first_try {
-            println!("  the first run:");
-            first.print_details();
-        }
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "fuzz: {count} seeds in {secs:.1}s ({:.1} seeds/minute)",
         count as f64 * 60.0 / secs.max(0.001)
     );
-    if !flaky_seeds.is_empty() {
-        let list: Vec<String> = flaky_seeds.iter().map(u64::to_string).collect();
-        println!(
-            "{} of {count} seeds failed once and passed when run again (not counted): {}",
-            flaky_seeds.len(),
-            list.join(", ")
-        );
-    }
     if !bad_seeds.is_empty() {
         let list: Vec<String> = bad_seeds.iter().map(u64::to_string).collect();
         println!(
