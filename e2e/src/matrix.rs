@@ -550,7 +550,7 @@ pub fn summary_line(passed: usize, failed: usize, skipped: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario::Family::{IPv4, IPv6};
+    use crate::scenario::Family::{V4 as IPv4, V6 as IPv6};
 
     /// Case 1 of the examples (default deny ingress in x).
     const DENY_INGRESS: &str = "

@@ -38,28 +38,8 @@ const UDP_SENDS: u32 = 4;
 
 const IPPROTO_SCTP: i32 = 132;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Proto {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Proto {
-    fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-            Proto::Sctp => "sctp",
-        }
-    }
-}
-
-impl std::fmt::Display for Proto {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// The transport protocol of a probe (the core's own type).
+pub use sluice::model::Protocol as Proto;
 
 /// True if this kernel can create SCTP sockets (checked once).
 pub fn sctp_supported() -> bool {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sluice::compile::{compile_node, Ruleset};
-use sluice::model::{Family as SFamily, Phase, PodKey, Protocol as SProtocol};
+use sluice::model::{Phase, PodKey};
 use sluice::nft::{Nft, TableState};
 use sluice::policy::allowed;
 use sluice::simulate::connection_allowed;
@@ -19,38 +19,8 @@ use sluice::snapshot::{parse_object, NodeInfo, World};
 
 use crate::matrix::{Mark, Report};
 use crate::netns::{LabNet, NodeSpec, PodSpec};
-use crate::probe::{run_probes, sctp_supported, Outcome, ProbeReq, Proto, Servers};
+use crate::probe::{run_probes, sctp_supported, Outcome, ProbeReq, Servers};
 use crate::scenario::{Family, ProbeSpec, Protocol, Scenario, Step, Via};
-
-pub fn sluice_protocol(p: Protocol) -> SProtocol {
-    match p {
-        Protocol::Tcp => SProtocol::Tcp,
-        Protocol::Udp => SProtocol::Udp,
-        Protocol::Sctp => SProtocol::Sctp,
-    }
-}
-
-pub fn sluice_family(f: Family) -> SFamily {
-    match f {
-        Family::IPv4 => SFamily::V4,
-        Family::IPv6 => SFamily::V6,
-    }
-}
-
-fn lab_family(f: SFamily) -> Family {
-    match f {
-        SFamily::V4 => Family::IPv4,
-        SFamily::V6 => Family::IPv6,
-    }
-}
-
-fn proto(p: Protocol) -> Proto {
-    match p {
-        Protocol::Tcp => Proto::Tcp,
-        Protocol::Udp => Proto::Udp,
-        Protocol::Sctp => Proto::Sctp,
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -214,9 +184,9 @@ fn probe_pods(
 }
 
 /// Families probed for a target: the probe's, or every family the target has.
-fn families_for(world: &World, spec: &ProbeSpec, to: &PodKey) -> Vec<SFamily> {
+fn families_for(world: &World, spec: &ProbeSpec, to: &PodKey) -> Vec<Family> {
     match spec.family {
-        Some(f) => vec![sluice_family(f)],
+        Some(f) => vec![f],
         None => world
             .index
             .pods
@@ -224,7 +194,7 @@ fn families_for(world: &World, spec: &ProbeSpec, to: &PodKey) -> Vec<SFamily> {
             .map(|p| {
                 p.ips
                     .iter()
-                    .map(SFamily::of)
+                    .map(Family::of)
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect()
@@ -261,7 +231,7 @@ fn fill_report(
     report: &mut Report,
     rows: &[PodKey],
     cols: &[PodKey],
-    decide: impl Fn(&PodKey, &PodKey, SFamily) -> Option<bool>,
+    decide: impl Fn(&PodKey, &PodKey, Family) -> Option<bool>,
     detail: &str,
 ) {
     for r in rows {
@@ -271,7 +241,7 @@ fn fill_report(
             }
             let fams: Vec<(Family, bool)> = families_for(world, spec, c)
                 .into_iter()
-                .map(|f| (lab_family(f), decide(r, c, f).unwrap_or(false)))
+                .map(|f| (f, decide(r, c, f).unwrap_or(false)))
                 .collect();
             report.observe(
                 &r.to_string(),
@@ -316,7 +286,7 @@ pub fn check(scn: &Scenario) -> Result<ScenarioRun, RunError> {
         };
         let (rows, cols) = probe_pods(scn, *doc, &world, spec)?;
         let rulesets = compile_all(&world, &nodes, &mut run.warnings);
-        let (p, port) = (sluice_protocol(spec.protocol), spec.port);
+        let (p, port) = (spec.protocol, spec.port);
         let mut report = Report::from_expected(title(*doc, spec), &spec.expect);
         fill_report(
             &world,
@@ -437,7 +407,7 @@ struct Attempt {
     probe: usize,
     from: PodKey,
     to: PodKey,
-    family: SFamily,
+    family: Family,
     req: ProbeReq,
 }
 
@@ -502,7 +472,7 @@ fn probe_group(
         }
         if spec.protocol == Protocol::Sctp && !sctp_supported() {
             // No SCTP sockets: check the compiled rulesets instead; any disagreement fails.
-            let (p, port) = (sluice_protocol(spec.protocol), spec.port);
+            let (p, port) = (spec.protocol, spec.port);
             fill_report(
                 world,
                 spec,
@@ -522,7 +492,7 @@ fn probe_group(
             continue;
         }
         let timeout = spec.timeout.unwrap_or(opts.timeout);
-        let mut planned: Vec<(PodKey, PodKey, SFamily)> = Vec::new();
+        let mut planned: Vec<(PodKey, PodKey, Family)> = Vec::new();
         for r in &rows {
             for c in &cols {
                 if r == c
@@ -542,7 +512,7 @@ fn probe_group(
                 .ok_or_else(|| RunError::Lab(anyhow::anyhow!("pod {c} has no namespace")))?
                 .to_string();
             lab.servers
-                .ensure(&ns, spec.port, proto(spec.protocol))
+                .ensure(&ns, spec.port, spec.protocol)
                 .map_err(|e| RunError::Lab(e.context(format!("starting a server in {c}"))))?;
         }
         for (r, c, f) in planned {
@@ -557,7 +527,7 @@ fn probe_group(
             let req = ProbeReq {
                 from_netns,
                 to: SocketAddr::new(ip, spec.port),
-                proto: proto(spec.protocol),
+                proto: spec.protocol,
             };
             waves.entry(timeout).or_default().push(Attempt {
                 probe: idx,
@@ -614,11 +584,10 @@ fn probe_group(
                 Outcome::Connected => (true, String::new()),
                 Outcome::Failed(why) => (false, why),
             };
-            results.entry((a.probe, a.from, a.to)).or_default().push((
-                lab_family(a.family),
-                ok,
-                why,
-            ));
+            results
+                .entry((a.probe, a.from, a.to))
+                .or_default()
+                .push((a.family, ok, why));
         }
     }
     for ((idx, r, c), fams) in results {

@@ -63,76 +63,8 @@ impl Step {
     }
 }
 
-/// `spec.protocol` of a probe (written `TCP`, `UDP`, `SCTP`; case matters).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "TCP" => Ok(Protocol::Tcp),
-            "UDP" => Ok(Protocol::Udp),
-            "SCTP" => Ok(Protocol::Sctp),
-            _ => Err(format!(
-                "unknown protocol {s:?} (expected TCP, UDP or SCTP)"
-            )),
-        }
-    }
-}
-
-/// An IP family (written `IPv4`, `IPv6`; case matters).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    IPv4,
-    IPv6,
-}
-
-impl Family {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Family::IPv4 => "IPv4",
-            Family::IPv6 => "IPv6",
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Family {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "IPv4" => Ok(Family::IPv4),
-            "IPv6" => Ok(Family::IPv6),
-            _ => Err(format!("unknown family {s:?} (expected IPv4 or IPv6)")),
-        }
-    }
-}
+// The API's own protocol and family names (TCP/UDP/SCTP, IPv4/IPv6), shared with the core.
+pub use sluice::model::{Family, Protocol};
 
 /// `spec.via` of a probe (written `pod`, `service`; case matters). Default `pod`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -1240,7 +1172,7 @@ spec:
         assert_eq!(spec.protocol, Protocol::Udp);
         assert_eq!(spec.from, Some(vec!["x/b".to_string(), "x/a".to_string()]));
         assert_eq!(spec.to, Some(vec!["y/b".to_string(), "x/a".to_string()]));
-        assert_eq!(spec.family, Some(Family::IPv6));
+        assert_eq!(spec.family, Some(Family::V6));
         assert_eq!(spec.via, Via::Service);
         assert_eq!(spec.timeout, Some(Duration::from_millis(500)));
         assert_eq!(spec.describe(), "UDP/53 IPv6 via service");
@@ -1249,7 +1181,7 @@ spec:
             &format!("{SMALL}family: IPv4\nvia: pod\ntimeout: 2s\n").replace("TCP", "SCTP"),
         );
         assert_eq!(spec.protocol, Protocol::Sctp);
-        assert_eq!(spec.family, Some(Family::IPv4));
+        assert_eq!(spec.family, Some(Family::V4));
         assert_eq!(spec.via, Via::Pod);
         assert_eq!(spec.timeout, Some(Duration::from_secs(2)));
     }
@@ -1399,7 +1331,7 @@ spec:
         for p in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
             assert_eq!(p.to_string().parse::<Protocol>(), Ok(p));
         }
-        for f in [Family::IPv4, Family::IPv6] {
+        for f in [Family::V4, Family::V6] {
             assert_eq!(f.to_string().parse::<Family>(), Ok(f));
         }
         for v in [Via::Pod, Via::Service] {
