@@ -108,10 +108,7 @@ fn explain(
         .ok_or_else(|| format!("pod {to} is not in the snapshot"))?;
     let families: Vec<Family> = match family {
         Some(f) => vec![f],
-        None => Family::ALL
-            .into_iter()
-            .filter(|f| server.ip(*f).is_some())
-            .collect(),
+        None => server.families(),
     };
     if families.is_empty() {
         return Err(format!("pod {to} has no IP address"));

@@ -195,6 +195,14 @@ impl PodInfo {
         !self.host_network && !matches!(self.phase, Phase::Succeeded | Phase::Failed)
     }
 
+    /// The families the pod has an address in, IPv4 first.
+    pub fn families(&self) -> Vec<Family> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| self.ip(*f).is_some())
+            .collect()
+    }
+
     pub fn ip(&self, family: Family) -> Option<IpAddr> {
         self.ips.iter().copied().find(|ip| Family::of(ip) == family)
     }

@@ -1057,14 +1057,7 @@ fn expect_allowed(
             .index
             .pods
             .get(dst)
-            .map(|p| {
-                p.ips
-                    .iter()
-                    .map(Family::of)
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect()
-            })
+            .map(|p| p.families())
             .unwrap_or_default(),
     };
     !families.is_empty()

@@ -191,14 +191,7 @@ fn families_for(world: &World, spec: &ProbeSpec, to: &PodKey) -> Vec<Family> {
             .index
             .pods
             .get(to)
-            .map(|p| {
-                p.ips
-                    .iter()
-                    .map(Family::of)
-                    .collect::<BTreeSet<_>>()
-                    .into_iter()
-                    .collect()
-            })
+            .map(|p| p.families())
             .unwrap_or_default(),
     }
 }
