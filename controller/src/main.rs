@@ -25,6 +25,10 @@ struct Cli {
 enum Command {
     /// Is a connection allowed, and why? Evaluates NetworkPolicy semantics directly.
     ///
+    /// Prints, per address family, the verdict and the reason on each side: which policy and
+    /// rule allowed it, or which policies isolate the pod. Exit status: 0 allowed, 1 denied,
+    /// 2 error (unknown pod, unreadable snapshot).
+    ///
     /// Example: sluice explain --snapshot cluster.yaml --from y/b --to x/a --port 80
     Explain {
         /// YAML file of Nodes, Namespaces, Pods and NetworkPolicies: `kubectl get -o yaml`
