@@ -218,30 +218,44 @@ fn title(doc: usize, spec: &ProbeSpec) -> String {
 }
 
 /// Fills a report from a decision function (evaluator or simulated ruleset).
+/// Fills a report from a decision function (evaluator or simulated ruleset). A decision that
+/// cannot be trusted (`Err`, e.g. evaluator and compiled rules disagree) fails its cell whatever
+/// the expectation, with the reason as detail.
 fn fill_report(
     world: &World,
     spec: &ProbeSpec,
     report: &mut Report,
     rows: &[PodKey],
     cols: &[PodKey],
-    decide: impl Fn(&PodKey, &PodKey, Family) -> Option<bool>,
+    decide: impl Fn(&PodKey, &PodKey, Family) -> Result<bool, String>,
     detail: &str,
 ) {
     for r in rows {
         for c in cols {
-            if r == c || spec.expect.get(&r.to_string(), &c.to_string()) == Some(Mark::NotProbed) {
+            let expected = spec.expect.get(&r.to_string(), &c.to_string());
+            if r == c || expected == Some(Mark::NotProbed) {
                 continue;
             }
-            let fams: Vec<(Family, bool)> = families_for(world, spec, c)
-                .into_iter()
-                .map(|f| (f, decide(r, c, f).unwrap_or(false)))
+            let families = families_for(world, spec, c);
+            let decided: Vec<(Family, Result<bool, String>)> =
+                families.iter().map(|f| (*f, decide(r, c, *f))).collect();
+            let problems: Vec<String> = decided
+                .iter()
+                .filter_map(|(f, d)| d.as_ref().err().map(|e| format!("{f}: {e}")))
                 .collect();
-            report.observe(
-                &r.to_string(),
-                &c.to_string(),
-                fams,
-                Some(detail.to_string()),
-            );
+            let (fams, why) = if problems.is_empty() {
+                let fams = decided
+                    .into_iter()
+                    .map(|(f, d)| (f, d.unwrap_or(false)))
+                    .collect();
+                (fams, detail.to_string())
+            } else {
+                // Observe the opposite of what was expected, so the cell fails.
+                let opposite = expected != Some(Mark::Allowed);
+                let fams = families.iter().map(|f| (*f, opposite)).collect();
+                (fams, problems.join(", "))
+            };
+            report.observe(&r.to_string(), &c.to_string(), fams, Some(why));
         }
     }
 }
@@ -288,10 +302,21 @@ pub fn check(scn: &Scenario) -> Result<ScenarioRun, RunError> {
             &rows,
             &cols,
             |s, d, f| {
-                let eval = allowed(&world.index, s, d, p, port, f).ok()?.allowed();
-                let compiled = connection_allowed(&world.index, &rulesets, s, d, p, port, f)?;
-                // Disagreement is a compiler bug: never let it pass.
-                (eval == compiled).then_some(eval)
+                let eval = allowed(&world.index, s, d, p, port, f)
+                    .map_err(|e| e.to_string())?
+                    .allowed();
+                let compiled = connection_allowed(&world.index, &rulesets, s, d, p, port, f)
+                    .ok_or("no address to simulate")?;
+                // Disagreement is a compiler bug: it fails the cell whatever was expected.
+                if eval == compiled {
+                    Ok(eval)
+                } else {
+                    Err(format!(
+                        "the evaluator says {}, the compiled rules say {}",
+                        if eval { "allowed" } else { "denied" },
+                        if compiled { "allowed" } else { "denied" }
+                    ))
+                }
             },
             "evaluator and compiled ruleset",
         );
@@ -472,7 +497,11 @@ fn probe_group(
                 &mut report,
                 &rows,
                 &cols,
-                |s, d, f| connection_allowed(&world.index, rulesets, s, d, p, port, f),
+                // A family the pods lack cannot connect, as in a real probe.
+                |s, d, f| {
+                    Ok(connection_allowed(&world.index, rulesets, s, d, p, port, f)
+                        .unwrap_or(false))
+                },
                 "compiled ruleset (no SCTP sockets in this kernel)",
             );
             if report.failed() == 0 {
