@@ -210,17 +210,21 @@ fn listen(netns: &str, port: u16, proto: Proto) -> Result<Socket> {
     Ok(sock)
 }
 
+/// A socket timeout or interruption: try again (the loops check their own deadlines).
+fn transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
 fn accept_loop(sock: &Socket, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match sock.accept() {
             Ok((conn, _)) => drop(conn),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if transient(&e) => {}
             // e.g. ECONNABORTED, EMFILE: keep serving.
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
@@ -446,13 +450,7 @@ fn udp_probe(to: SocketAddr, timeout: Duration, token: u64) -> Outcome {
         match sock.recv(&mut buf) {
             Ok(n) if &buf[..n] == payload.as_bytes() => return Outcome::Connected,
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if transient(&e) => {}
             Err(e) => return Outcome::Failed(reason(&e)),
         }
     }
