@@ -2,9 +2,13 @@
 //!
 //! The pure core (no I/O): [`selector`], [`model`] (the cluster index), [`policy`] (the reference
 //! evaluator), [`compile`] (index + node -> ruleset IR). The edges: [`nft`] (IR -> nft text, diffs,
-//! applying) and [`snapshot`] (objects from YAML files).
+//! applying), [`snapshot`] (objects from YAML files), and the agent: [`watch`] (API watches into
+//! the index), [`agent`] (the reconcile loop), [`http`] and [`metrics`].
 
+pub mod agent;
 pub mod compile;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod policy;
@@ -13,3 +17,4 @@ pub mod simulate;
 pub mod snapshot;
 #[cfg(test)]
 mod testutil;
+pub mod watch;

@@ -61,6 +61,78 @@ enum Command {
         #[arg(long)]
         node: String,
     },
+    /// Run the node agent: watch the API server and keep this node's table in the kernel.
+    ///
+    /// Watches Pods, Namespaces (metadata only) and NetworkPolicies cluster-wide, compiles
+    /// the rules for the pods on this node into `table inet sluice` and applies every change
+    /// as one nftables transaction. The first sync replaces the table atomically; stopping
+    /// (SIGTERM) leaves the rules in place, so enforcement survives restarts and upgrades.
+    /// Needs CAP_NET_ADMIN (nft) and br_netfilter with net.bridge.bridge-nf-call-ip{,6}tables
+    /// set to 1 (the agent sets them when it can and is not ready otherwise).
+    ///
+    /// Log level: RUST_LOG (default info; debug prints one line per sync).
+    Agent(AgentArgs),
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The node this agent enforces policy for: only pods scheduled here get rules.
+    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
+    /// Kubeconfig file to reach the API server. Default: $KUBECONFIG, else ~/.kube/config,
+    /// else the in-cluster service account (kube's Config::infer).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<String>,
+    /// Address for HTTP: /healthz, /readyz (the reason when not ready), /metrics.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:9763")]
+    listen: std::net::SocketAddr,
+    /// How often the whole table is replaced from the index, repairing any drift (someone
+    /// deleting or editing the table). Units: ms, s, m, h.
+    #[arg(long, env = "SLUICE_RESYNC", default_value = "5m", value_parser = sluice::agent::parse_duration)]
+    resync: std::time::Duration,
+    /// How long a change waits for more changes before the table is synced: a burst of
+    /// API events becomes one transaction, and it bounds the rate of syncs. Units: ms, s, m, h.
+    #[arg(long, env = "SLUICE_DEBOUNCE", default_value = "20ms", value_parser = sluice::agent::parse_duration)]
+    debounce: std::time::Duration,
+    /// Remove `table inet sluice` from this network namespace and exit (uninstall): pods are
+    /// no longer isolated afterwards.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn agent(args: AgentArgs) -> Result<ExitCode, String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let stderr = std::io::stderr();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&stderr))
+        .with_writer(std::io::stderr)
+        .init();
+    if args.cleanup {
+        sluice::agent::cleanup(&sluice::nft::Nft::default()).map_err(|e| e.to_string())?;
+        tracing::info!("removed table inet sluice");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let node = args
+        .node_name
+        .filter(|n| !n.is_empty())
+        .ok_or("--node-name (or NODE_NAME) is required")?;
+    let config = sluice::agent::Config {
+        node,
+        kubeconfig: args.kubeconfig.filter(|k| !k.is_empty()),
+        listen: args.listen,
+        resync: args.resync,
+        debounce: args.debounce,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("could not start the async runtime: {e}"))?;
+    runtime
+        .block_on(sluice::agent::run(config))
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -180,6 +252,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             print!("{}", sluice::nft::render(&compiled.ruleset));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agent(args) => agent(args),
     }
 }
 

@@ -774,6 +774,19 @@ impl Index {
         self.policies.remove(key);
     }
 
+    /// Replace every namespace at once (a watch relisted them).
+    pub fn reset_namespaces(&mut self, all: impl IntoIterator<Item = NamespaceInfo>) {
+        self.namespaces = all.into_iter().map(|n| (n.name.clone(), n)).collect();
+    }
+
+    pub fn reset_pods(&mut self, all: impl IntoIterator<Item = PodInfo>) {
+        self.pods = all.into_iter().map(|p| (p.key.clone(), p)).collect();
+    }
+
+    pub fn reset_policies(&mut self, all: impl IntoIterator<Item = PolicyInfo>) {
+        self.policies = all.into_iter().map(|p| (p.key.clone(), p)).collect();
+    }
+
     /// A namespace's labels; one not seen (yet) still carries its implicit name label.
     pub fn namespace_labels(&self, name: &str) -> Labels {
         match self.namespaces.get(name) {

@@ -239,6 +239,12 @@ impl TableState {
         result
     }
 
+    /// Forget what was applied, so the next sync replaces the table whole: the periodic resync
+    /// that repairs whatever someone else did to the table.
+    pub fn invalidate(&mut self) {
+        self.applied = None;
+    }
+
     pub fn applied(&self) -> Option<&Ruleset> {
         self.applied.as_ref()
     }

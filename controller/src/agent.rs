@@ -1,0 +1,353 @@
+//! The node agent: watches feed the index, and ONE reconcile loop compiles this node's ruleset
+//! and applies it. Changes are debounced (which also bounds the rate of syncs); a periodic
+//! resync replaces the table whole to repair drift. Stopping leaves the rules in the kernel.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::compile::compile_node;
+use crate::metrics::Metrics;
+use crate::nft::{Nft, NftError, TableState};
+use crate::watch::{self, Cluster};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("could not build the Kubernetes client configuration: {0}")]
+    Config(String),
+    #[error("could not create the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("could not install the signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("could not remove the table: {0}")]
+    Cleanup(#[source] NftError),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node: String,
+    pub kubeconfig: Option<String>,
+    pub listen: SocketAddr,
+    pub resync: Duration,
+    pub debounce: Duration,
+}
+
+/// `250ms`, `20s`, `5m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit (ms, s, m, h)"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m, h)")),
+    };
+    if ms == 0 {
+        return Err(format!("{s:?}: must be more than zero"));
+    }
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// The sysctls that make bridged same-node traffic meet the forward hook.
+pub const BRIDGE_SYSCTLS: [&str; 2] = [
+    "/proc/sys/net/bridge/bridge-nf-call-iptables",
+    "/proc/sys/net/bridge/bridge-nf-call-ip6tables",
+];
+
+/// Make sure bridged traffic is filtered: set the sysctls to 1 where needed. `Err` says why
+/// same-node traffic would bypass the rules.
+pub fn ensure_bridge_netfilter() -> Result<(), String> {
+    for path in BRIDGE_SYSCTLS {
+        match std::fs::read_to_string(path) {
+            Ok(v) if v.trim() == "1" => {}
+            Ok(_) => std::fs::write(path, "1\n").map_err(|e| {
+                format!("{path} is 0 and could not be set to 1 ({e}): same-node pod traffic would bypass policy")
+            })?,
+            Err(e) => {
+                return Err(format!(
+                    "{path}: {e} (is the br_netfilter module loaded? `modprobe br_netfilter`): same-node pod traffic would bypass policy"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why the agent is not ready, if it is not.
+pub struct Health {
+    cluster: Arc<Cluster>,
+    bridge_problem: Mutex<Option<String>>,
+    synced: AtomicBool,
+}
+
+impl Health {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self {
+            cluster,
+            bridge_problem: Mutex::new(None),
+            synced: AtomicBool::new(false),
+        }
+    }
+
+    fn set_bridge_problem(&self, problem: Option<String>) {
+        *self
+            .bridge_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
+    }
+
+    /// `None` when ready: br_netfilter is on, every initial list is in and the first sync has
+    /// been applied.
+    pub fn not_ready(&self) -> Option<String> {
+        let bridge = self
+            .bridge_problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(p) = bridge {
+            return Some(p);
+        }
+        let unlisted = self.cluster.unlisted();
+        if !unlisted.is_empty() {
+            let names: Vec<&str> = unlisted.iter().map(|k| k.as_str()).collect();
+            return Some(format!(
+                "waiting for the initial list of {}",
+                names.join(", ")
+            ));
+        }
+        if !self.synced.load(Ordering::Acquire) {
+            return Some("the first sync has not been applied yet".into());
+        }
+        None
+    }
+}
+
+async fn kube_client(config: &Config) -> Result<kube::Client, AgentError> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| AgentError::Config(format!("{path}: {e}")))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| AgentError::Config(format!("{path}: {e}")))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| AgentError::Config(e.to_string()))?,
+    };
+    kube::Client::try_from(kube_config).map_err(AgentError::Client)
+}
+
+/// Remove the table (uninstall). Removing a table that is not there is not an error.
+pub fn cleanup(nft: &Nft) -> Result<(), AgentError> {
+    let t = crate::compile::TABLE;
+    nft.apply(&format!("table inet {t}\ndelete table inet {t}\n"))
+        .map_err(AgentError::Cleanup)
+}
+
+/// Run until SIGTERM or SIGINT. The table is left in place on the way out.
+pub async fn run(config: Config) -> Result<(), AgentError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+
+    let client = kube_client(&config).await?;
+    let cluster = Arc::new(Cluster::default());
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(cluster.clone()));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    tracing::info!(node = %config.node, listen = %config.listen, "sluice agent starting");
+    let http = tokio::spawn(crate::http::serve(
+        listener,
+        health.clone(),
+        metrics.clone(),
+    ));
+    let watches = tokio::spawn(watch::run(client, cluster.clone(), metrics.clone()));
+    let reconcile = tokio::spawn(reconcile(config, cluster, health, metrics));
+
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping; the rules stay in place"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping; the rules stay in place"),
+    }
+    http.abort();
+    watches.abort();
+    reconcile.abort();
+    Ok(())
+}
+
+/// The one loop that writes the table.
+async fn reconcile(
+    config: Config,
+    cluster: Arc<Cluster>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) {
+    let check_bridge = |health: &Health| {
+        let problem = ensure_bridge_netfilter().err();
+        if let Some(p) = &problem {
+            tracing::error!(problem = %p, "br_netfilter: not ready");
+        }
+        health.set_bridge_problem(problem);
+    };
+    check_bridge(&health);
+
+    let mut table = Some(TableState::new(Nft::default()));
+    let mut resync = tokio::time::interval(config.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await; // the first tick is immediate
+    loop {
+        let mut full = false;
+        tokio::select! {
+            _ = cluster.changed.notified() => {}
+            _ = resync.tick() => full = true,
+        }
+        // Let a burst of changes settle into one transaction.
+        tokio::time::sleep(config.debounce).await;
+        if full {
+            check_bridge(&health);
+        }
+        // Never apply a partial picture: a table compiled before every list is in would drop
+        // rules for pods and policies not yet seen.
+        if !cluster.unlisted().is_empty() {
+            continue;
+        }
+        let Some(mut state) = table.take() else {
+            tracing::error!("the table state was lost; stopping reconcile");
+            return;
+        };
+        if full {
+            state.invalidate();
+        }
+
+        let started = Instant::now();
+        let (compiled, policies, local_pods) = {
+            let index = cluster.index();
+            let local = index
+                .pods
+                .values()
+                .filter(|p| p.node.as_deref() == Some(config.node.as_str()))
+                .count();
+            (
+                compile_node(&index, &config.node),
+                index.policies.len(),
+                local,
+            )
+        };
+        let compile_time = started.elapsed();
+        metrics.policies.set(policies as i64);
+        metrics.local_pods.set(local_pods as i64);
+        metrics
+            .sync_duration
+            .get_or_create(&vec![("phase", "compile")])
+            .observe(compile_time.as_secs_f64());
+        for p in &compiled.problems {
+            tracing::warn!(object = %p.object, "{}", p.message);
+        }
+
+        let apply_started = Instant::now();
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = state.sync(&compiled.ruleset);
+            (state, result)
+        })
+        .await;
+        let (state, result) = match joined {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "the sync task failed; stopping reconcile");
+                return;
+            }
+        };
+        table = Some(state);
+        let apply_time = apply_started.elapsed();
+        metrics
+            .sync_duration
+            .get_or_create(&vec![("phase", "apply")])
+            .observe(apply_time.as_secs_f64());
+        match result {
+            Ok(applied) => {
+                let kind = if applied.full { "full" } else { "diff" };
+                metrics
+                    .syncs
+                    .get_or_create(&vec![("result", "ok"), ("kind", kind)])
+                    .inc();
+                if applied.commands > 0 {
+                    metrics
+                        .transaction_commands
+                        .observe(applied.commands as f64);
+                }
+                health.synced.store(true, Ordering::Release);
+                tracing::debug!(
+                    kind,
+                    commands = applied.commands,
+                    compile_ms = compile_time.as_secs_f64() * 1e3,
+                    apply_ms = apply_time.as_secs_f64() * 1e3,
+                    "synced"
+                );
+            }
+            Err(error) => {
+                let kind = if full { "full" } else { "diff" };
+                metrics
+                    .syncs
+                    .get_or_create(&vec![("result", "error"), ("kind", kind)])
+                    .inc();
+                tracing::error!(%error, node = %config.node, "sync failed; retrying with the whole table");
+                // Retry soon, without waiting for the next change.
+                cluster.changed.notify_one();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_and_refuse_zero() {
+        assert_eq!(parse_duration("20ms"), Ok(Duration::from_millis(20)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn not_ready_until_lists_are_in_and_the_first_sync_applied() {
+        let cluster = Arc::new(Cluster::default());
+        let health = Health::new(cluster.clone());
+        let reason = health.not_ready().unwrap_or_default();
+        assert!(
+            reason.contains("pods, namespaces, networkpolicies"),
+            "{reason}"
+        );
+        for kind in crate::watch::Kind::ALL {
+            cluster.mark_listed(kind);
+        }
+        let reason = health.not_ready().unwrap_or_default();
+        assert!(reason.contains("first sync"), "{reason}");
+        health.synced.store(true, Ordering::Release);
+        assert_eq!(health.not_ready(), None);
+        health.set_bridge_problem(Some("br_netfilter is off".into()));
+        assert_eq!(health.not_ready().as_deref(), Some("br_netfilter is off"));
+    }
+}

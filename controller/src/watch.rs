@@ -1,0 +1,293 @@
+//! Watches of the API server feeding the index: Pods and NetworkPolicies cluster-wide,
+//! Namespaces as metadata only. Each object is converted to its slim model type as it arrives
+//! (the full Pod is never stored); one that cannot be converted is skipped and logged with its
+//! name, and never stops the watch. Watch errors are retried with backoff, so an API outage only
+//! pauses updates: the rules last applied stay in the kernel.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt as _;
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::model::{namespace_info, pod_info, policy_info, Index, ObjectKey};
+
+/// The watched kinds of object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Pods,
+    Namespaces,
+    NetworkPolicies,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Pods, Kind::Namespaces, Kind::NetworkPolicies];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Pods => "pods",
+            Kind::Namespaces => "namespaces",
+            Kind::NetworkPolicies => "networkpolicies",
+        }
+    }
+
+    fn slot(self) -> usize {
+        self as usize
+    }
+}
+
+/// What the watches know of the cluster, shared with the reconcile loop.
+#[derive(Default)]
+pub struct Cluster {
+    index: Mutex<Index>,
+    /// Which watches have delivered their initial list.
+    listed: Mutex<[bool; 3]>,
+    /// Signalled on every change to the index (a stored permit, so none is lost during a sync).
+    pub changed: Notify,
+}
+
+impl Cluster {
+    /// The index. A panic while holding the lock leaves the index as it was last written,
+    /// which is still a consistent map, so a poisoned lock is taken over.
+    pub fn index(&self) -> MutexGuard<'_, Index> {
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn listed_slots(&self) -> MutexGuard<'_, [bool; 3]> {
+        self.listed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The resources whose initial list is not in yet.
+    pub fn unlisted(&self) -> Vec<Kind> {
+        let listed = *self.listed_slots();
+        Kind::ALL
+            .into_iter()
+            .filter(|r| !listed[r.slot()])
+            .collect()
+    }
+
+    pub(crate) fn mark_listed(&self, kind: Kind) {
+        self.listed_slots()[kind.slot()] = true;
+    }
+}
+
+fn object_name<K: Resource>(obj: &K) -> String {
+    let meta = obj.meta();
+    let name = meta.name.as_deref().unwrap_or("?");
+    match &meta.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+fn key_of<K: Resource>(obj: &K) -> ObjectKey {
+    let meta = obj.meta();
+    ObjectKey::new(
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// A model object converted from an untyped API object. Pods and policies arrive untyped so
+/// that one that does not deserialize is skipped alone instead of failing the whole list.
+pub enum Converted {
+    Pod(crate::model::PodInfo),
+    Policy(crate::model::PolicyInfo),
+}
+
+fn convert_namespace(
+    _: Kind,
+    obj: &PartialObjectMeta<Namespace>,
+) -> Result<crate::model::NamespaceInfo, String> {
+    let ns = Namespace {
+        metadata: obj.metadata.clone(),
+        ..Namespace::default()
+    };
+    namespace_info(&ns).map_err(|e| e.to_string())
+}
+
+fn convert_dynamic(kind: Kind, obj: &DynamicObject) -> Result<Converted, String> {
+    match kind {
+        Kind::Pods => {
+            let pod: Pod = obj.clone().try_parse().map_err(|e| e.to_string())?;
+            pod_info(&pod)
+                .map(Converted::Pod)
+                .map_err(|e| e.to_string())
+        }
+        Kind::NetworkPolicies => {
+            let policy: NetworkPolicy = obj.clone().try_parse().map_err(|e| e.to_string())?;
+            let info = policy_info(&policy).map_err(|e| e.to_string())?;
+            for e in &info.errors {
+                tracing::warn!(
+                    policy = %info.key,
+                    field = %e.field,
+                    "{}; {}",
+                    e.message,
+                    e.consequence()
+                );
+            }
+            Ok(Converted::Policy(info))
+        }
+        Kind::Namespaces => Err("namespaces are watched as metadata".into()),
+    }
+}
+
+fn apply_converted(index: &mut Index, c: Converted) {
+    match c {
+        Converted::Pod(p) => index.apply_pod(p),
+        Converted::Policy(p) => index.apply_policy(p),
+    }
+}
+
+/// The index side of a watch, whatever the object type.
+struct Sink<'a, O, I> {
+    kind: Kind,
+    cluster: &'a Cluster,
+    metrics: &'a Metrics,
+    convert: fn(Kind, &O) -> Result<I, String>,
+    apply: fn(&mut Index, I),
+    delete: fn(Kind, &mut Index, &O),
+    reset: fn(Kind, &mut Index, Vec<I>),
+}
+
+impl<O: Resource, I> Sink<'_, O, I> {
+    fn convert_logged(&self, obj: &O) -> Option<I> {
+        match (self.convert)(self.kind, obj) {
+            Ok(info) => Some(info),
+            Err(error) => {
+                tracing::warn!(
+                    resource = self.kind.as_str(),
+                    object = %object_name(obj),
+                    %error,
+                    "skipped an object that could not be converted"
+                );
+                None
+            }
+        }
+    }
+
+    async fn run(
+        self,
+        stream: impl futures::Stream<Item = Result<Event<O>, watcher::Error>> + Send,
+    ) {
+        let mut stream = std::pin::pin!(stream);
+        let mut buffer: Vec<I> = Vec::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Init) => buffer.clear(),
+                Ok(Event::InitApply(obj)) => buffer.extend(self.convert_logged(&obj)),
+                Ok(Event::InitDone) => {
+                    let all = std::mem::take(&mut buffer);
+                    tracing::info!(resource = self.kind.as_str(), objects = all.len(), "listed");
+                    (self.reset)(self.kind, &mut self.cluster.index(), all);
+                    self.cluster.mark_listed(self.kind);
+                    self.cluster.changed.notify_one();
+                }
+                Ok(Event::Apply(obj)) => match self.convert_logged(&obj) {
+                    Some(info) => {
+                        (self.apply)(&mut self.cluster.index(), info);
+                        self.cluster.changed.notify_one();
+                    }
+                    // The last good version would be stale; drop it rather than enforce it.
+                    None => {
+                        (self.delete)(self.kind, &mut self.cluster.index(), &obj);
+                        self.cluster.changed.notify_one();
+                    }
+                },
+                Ok(Event::Delete(obj)) => {
+                    (self.delete)(self.kind, &mut self.cluster.index(), &obj);
+                    self.cluster.changed.notify_one();
+                }
+                Err(error) => {
+                    self.metrics
+                        .watch_restarts
+                        .get_or_create(&vec![("resource", self.kind.as_str())])
+                        .inc();
+                    tracing::warn!(
+                        resource = self.kind.as_str(),
+                        %error,
+                        "watch failed; retrying with backoff (rules stay as applied)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn delete_dynamic(kind: Kind, index: &mut Index, obj: &DynamicObject) {
+    let key = key_of(obj);
+    match kind {
+        Kind::Pods => index.delete_pod(&key),
+        Kind::NetworkPolicies => index.delete_policy(&key),
+        Kind::Namespaces => index.delete_namespace(&key.name),
+    }
+}
+
+fn reset_dynamic(kind: Kind, index: &mut Index, all: Vec<Converted>) {
+    match kind {
+        Kind::Pods => index.reset_pods(all.into_iter().filter_map(|c| match c {
+            Converted::Pod(p) => Some(p),
+            Converted::Policy(_) => None,
+        })),
+        Kind::NetworkPolicies => index.reset_policies(all.into_iter().filter_map(|c| match c {
+            Converted::Policy(p) => Some(p),
+            Converted::Pod(_) => None,
+        })),
+        Kind::Namespaces => {}
+    }
+}
+
+async fn watch_dynamic<K>(client: Client, kind: Kind, cluster: &Cluster, metrics: &Metrics)
+where
+    K: Resource<DynamicType = ()>,
+{
+    let api: Api<DynamicObject> = Api::all_with(client, &ApiResource::erase::<K>(&()));
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    Sink {
+        kind,
+        cluster,
+        metrics,
+        convert: convert_dynamic,
+        apply: apply_converted,
+        delete: delete_dynamic,
+        reset: reset_dynamic,
+    }
+    .run(stream)
+    .await;
+}
+
+async fn watch_namespaces(client: Client, cluster: &Cluster, metrics: &Metrics) {
+    let api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    Sink {
+        kind: Kind::Namespaces,
+        cluster,
+        metrics,
+        convert: convert_namespace,
+        apply: Index::apply_namespace,
+        delete: |_, index, obj| index.delete_namespace(&obj.name_any()),
+        reset: |_, index, all| index.reset_namespaces(all),
+    }
+    .run(stream)
+    .await;
+}
+
+/// Run the three watches until the process ends (they never give up).
+pub async fn run(client: Client, cluster: Arc<Cluster>, metrics: Arc<Metrics>) {
+    tokio::join!(
+        watch_dynamic::<Pod>(client.clone(), Kind::Pods, &cluster, &metrics),
+        watch_namespaces(client.clone(), &cluster, &metrics),
+        watch_dynamic::<NetworkPolicy>(client, Kind::NetworkPolicies, &cluster, &metrics),
+    );
+}
