@@ -244,12 +244,37 @@ async fn reconcile(
                 .values()
                 .filter(|p| p.node.as_deref() == Some(config.node.as_str()))
                 .count();
+            for direction in crate::model::Direction::ALL {
+                let n = crate::compile::isolated_local_pods(&index, &config.node, direction);
+                metrics
+                    .isolated_pods
+                    .get_or_create(&vec![(
+                        "direction",
+                        match direction {
+                            crate::model::Direction::Ingress => "ingress",
+                            crate::model::Direction::Egress => "egress",
+                        },
+                    )])
+                    .set(n as i64);
+            }
             (
                 compile_node(&index, &config.node),
                 index.policies.len(),
                 local,
             )
         };
+        let size = compiled.ruleset.size();
+        for (kind, n) in [
+            ("sets", size.sets),
+            ("set_elements", size.set_elements),
+            ("chains", size.chains),
+            ("rules", size.rules),
+        ] {
+            metrics
+                .ruleset_objects
+                .get_or_create(&vec![("kind", kind)])
+                .set(n as i64);
+        }
         let compile_time = started.elapsed();
         metrics.policies.set(policies as i64);
         metrics.local_pods.set(local_pods as i64);

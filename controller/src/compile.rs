@@ -123,6 +123,38 @@ pub struct Ruleset {
     pub chains: BTreeMap<String, Chain>,
 }
 
+/// How big a ruleset is, for metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RulesetSize {
+    /// Sets and verdict maps.
+    pub sets: usize,
+    /// Their elements.
+    pub set_elements: usize,
+    pub chains: usize,
+    pub rules: usize,
+}
+
+impl Ruleset {
+    pub fn size(&self) -> RulesetSize {
+        RulesetSize {
+            sets: self.sets.len(),
+            set_elements: self.sets.values().map(|s| s.elements.len()).sum(),
+            chains: self.chains.len(),
+            rules: self.chains.values().map(|c| c.rules.len()).sum(),
+        }
+    }
+}
+
+/// Local pods (owning IPs) that some policy isolates in `direction`.
+pub fn isolated_local_pods(index: &Index, node: &str, direction: Direction) -> usize {
+    index
+        .pods
+        .values()
+        .filter(|p| p.node.as_deref() == Some(node) && p.owns_ips())
+        .filter(|p| !index.isolating_policies(p, direction).is_empty())
+        .count()
+}
+
 /// Something about this node we could not compile as written (e.g. two pods claiming one IP).
 /// Policy errors are not repeated here: they are reported once, when the policy is indexed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -716,6 +748,29 @@ mod tests {
             .unwrap()
             .1;
         assert_eq!(v4.elements.len(), 3, "y/a, y/b (node-2) and y/c");
+    }
+
+    #[test]
+    fn size_and_isolated_pods_count_what_is_there() {
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "deny",
+            r#"{"podSelector": {}, "ingress": []}"#,
+        );
+        let rs = compile_node(&idx, "node-1").ruleset;
+        let size = rs.size();
+        assert_eq!(size.sets, 4, "the four dispatch maps");
+        assert_eq!(size.set_elements, 4, "x/a and x/c, both families");
+        assert_eq!(size.chains, 4, "two base chains, one group, one policy");
+        assert_eq!(
+            size.rules,
+            4 + 4 + 2,
+            "base chains 4 each, group: jump + drop"
+        );
+        assert_eq!(isolated_local_pods(&idx, "node-1", Direction::Ingress), 2);
+        assert_eq!(isolated_local_pods(&idx, "node-1", Direction::Egress), 0);
     }
 
     #[test]

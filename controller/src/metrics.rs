@@ -21,6 +21,10 @@ pub struct Metrics {
     pub local_pods: Gauge,
     /// `resource`: pods | namespaces | networkpolicies.
     pub watch_restarts: Family<Labels, Counter>,
+    /// `kind`: sets | set_elements | chains | rules, of the ruleset last compiled.
+    pub ruleset_objects: Family<Labels, Gauge>,
+    /// `direction`: ingress | egress: local pods that some policy isolates.
+    pub isolated_pods: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -67,6 +71,18 @@ impl Metrics {
             "Watch errors after which the watch restarts (with backoff)",
             watch_restarts.clone(),
         );
+        let ruleset_objects = Family::<Labels, Gauge>::default();
+        registry.register(
+            "ruleset_objects",
+            "Objects in this node's compiled ruleset, by kind (sets, set_elements, chains, rules)",
+            ruleset_objects.clone(),
+        );
+        let isolated_pods = Family::<Labels, Gauge>::default();
+        registry.register(
+            "isolated_pods",
+            "Local pods isolated by some policy, by direction",
+            isolated_pods.clone(),
+        );
         Self {
             registry,
             syncs,
@@ -75,6 +91,8 @@ impl Metrics {
             policies,
             local_pods,
             watch_restarts,
+            ruleset_objects,
+            isolated_pods,
         }
     }
 
