@@ -151,8 +151,7 @@ async fn kube_client(config: &Config) -> Result<kube::Client, AgentError> {
 
 /// Remove the table (uninstall). Removing a table that is not there is not an error.
 pub fn cleanup(nft: &Nft) -> Result<(), AgentError> {
-    let t = crate::compile::TABLE;
-    nft.apply(&format!("table inet {t}\ndelete table inet {t}\n"))
+    nft.apply(&crate::nft::remove_table_script())
         .map_err(AgentError::Cleanup)
 }
 
@@ -239,22 +238,12 @@ async fn reconcile(
         let started = Instant::now();
         let (compiled, policies, local_pods) = {
             let index = cluster.index();
-            let local = index
-                .pods
-                .values()
-                .filter(|p| p.node.as_deref() == Some(config.node.as_str()))
-                .count();
+            let local = index.local_pods(&config.node).count();
             for direction in crate::model::Direction::ALL {
                 let n = crate::compile::isolated_local_pods(&index, &config.node, direction);
                 metrics
                     .isolated_pods
-                    .get_or_create(&vec![(
-                        "direction",
-                        match direction {
-                            crate::model::Direction::Ingress => "ingress",
-                            crate::model::Direction::Egress => "egress",
-                        },
-                    )])
+                    .get_or_create(&vec![("direction", direction.as_str())])
                     .set(n as i64);
             }
             (

@@ -148,9 +148,7 @@ impl Ruleset {
 /// Local pods (owning IPs) that some policy isolates in `direction`.
 pub fn isolated_local_pods(index: &Index, node: &str, direction: Direction) -> usize {
     index
-        .pods
-        .values()
-        .filter(|p| p.node.as_deref() == Some(node) && p.owns_ips())
+        .local_pods(node)
         .filter(|p| !index.isolating_policies(p, direction).is_empty())
         .count()
 }
@@ -270,11 +268,7 @@ struct SetRequests {
 pub fn compile_node(index: &Index, node: &str) -> Compiled {
     let mut out = Compiled::default();
     let mut requests = SetRequests::default();
-    let local: Vec<&PodInfo> = index
-        .pods
-        .values()
-        .filter(|p| p.node.as_deref() == Some(node) && p.owns_ips() && !p.ips.is_empty())
-        .collect();
+    let local: Vec<&PodInfo> = index.local_pods(node).collect();
 
     for direction in Direction::ALL {
         let mut groups: BTreeMap<Vec<PolicyKey>, Vec<&PodInfo>> = BTreeMap::new();

@@ -62,7 +62,7 @@ impl Metrics {
         let local_pods = Gauge::default();
         registry.register(
             "local_pods",
-            "Pods in the index scheduled on this node",
+            "Pods on this node whose policy sluice enforces (not hostNetwork, not finished, with an IP)",
             local_pods.clone(),
         );
         let watch_restarts = Family::<Labels, Counter>::default();

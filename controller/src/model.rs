@@ -312,14 +312,18 @@ pub enum Direction {
 
 impl Direction {
     pub const ALL: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
 }
 
 impl fmt::Display for Direction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
-        })
+        f.write_str(self.as_str())
     }
 }
 
@@ -815,6 +819,13 @@ impl Index {
         pod.owns_ips()
             && self.namespace_matches(namespaces, &pod.key.namespace)
             && pods.matches(&pod.labels)
+    }
+
+    /// The pods whose policy this node enforces: scheduled here, owning their IPs, with an IP.
+    pub fn local_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a PodInfo> + 'a {
+        self.pods
+            .values()
+            .filter(move |p| p.node.as_deref() == Some(node) && p.owns_ips() && !p.ips.is_empty())
     }
 
     /// Policies in the pod's namespace that select it and isolate `direction`.

@@ -262,27 +262,35 @@ fn netns_helper() {
                 std::thread::spawn(move || pipe(unix2, tcp2));
             }
         }
-        // One HTTP GET; prints the status code.
+        // One HTTP GET; prints the status code, then the body.
         Ok("get") => {
             let addr = std::env::var("SLUICE_TEST_ADDR").expect("addr");
             let path = std::env::var("SLUICE_TEST_PATH").expect("path");
-            let status = TcpStream::connect(&addr)
+            let text = TcpStream::connect(&addr)
                 .and_then(|mut s| {
                     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
                     let mut text = String::new();
                     s.read_to_string(&mut text)?;
                     Ok(text)
                 })
-                .ok()
-                .and_then(|t| t.split_whitespace().nth(1).map(str::to_string))
-                .unwrap_or_else(|| "none".into());
+                .unwrap_or_default();
+            let status = text.split_whitespace().nth(1).unwrap_or("none");
             println!("HELPER-STATUS {status}");
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            for line in body.lines() {
+                println!("HELPER-BODY {line}");
+            }
         }
         _ => {}
     }
 }
 
 fn http_status(ns: &Netns, path: &str) -> String {
+    http_get(ns, path).0
+}
+
+/// Status code and body of a GET to the agent, from inside the node's namespace.
+fn http_get(ns: &Netns, path: &str) -> (String, String) {
     let out = ns
         .helper(
             "get",
@@ -293,11 +301,17 @@ fn http_status(ns: &Netns, path: &str) -> String {
         )
         .output()
         .expect("helper");
-    String::from_utf8_lossy(&out.stdout)
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let status = stdout
         .lines()
         .find_map(|l| l.strip_prefix("HELPER-STATUS "))
         .unwrap_or("none")
-        .to_string()
+        .to_string();
+    let body: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("HELPER-BODY "))
+        .collect();
+    (status, body.join("\n"))
 }
 
 /// The elements of a map or set block in `nft list` output ("" when absent).
@@ -455,7 +469,19 @@ fn agent_programs_the_node_from_the_api_server() {
         status = http_status(&ns, "/readyz");
     }
     assert_eq!(status, "200", "/readyz");
-    assert_eq!(http_status(&ns, "/metrics"), "200", "/metrics");
+    let (status, metrics) = http_get(&ns, "/metrics");
+    assert_eq!(status, "200", "/metrics");
+    // Both pods are isolated for ingress, and at least one sync has been applied.
+    assert!(
+        metrics.contains("sluice_isolated_pods{direction=\"ingress\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sluice_syncs_total{") && l.contains("result=\"ok\"")),
+        "{metrics}"
+    );
 
     // A relabel takes b out of the policy: its IP leaves the dispatch map, a's stays.
     cp.kubectl(

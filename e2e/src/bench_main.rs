@@ -20,7 +20,9 @@ use serde::Serialize;
 
 use sluice::compile::{compile_node, ChainKind, Ruleset, SetKind, TABLE};
 use sluice::model::{Direction, Family, Index, PodInfo, PodKey, Protocol};
-use sluice::nft::{diff_script, render, replace_script, Nft, TableState};
+use sluice::nft::{
+    command_count, diff_script, remove_table_script, render, replace_script, Nft, TableState,
+};
 use sluice::policy::allowed;
 use sluice_e2e::netns::{in_netns, install_signal_cleanup, LabNet};
 use sluice_e2e::synth::{SynthCluster, SynthConfig};
@@ -162,11 +164,6 @@ fn size(rs: &Ruleset, with_text: bool) -> Size {
         s.replace_script_bytes = replace_script(rs).len();
     }
     s
-}
-
-/// Commands in an nft script, counted as the agent counts them (non-empty lines).
-fn commands(script: &str) -> usize {
-    script.lines().filter(|l| !l.trim().is_empty()).count()
 }
 
 /// `VmHWM` of this process (peak resident set), in KiB.
@@ -328,15 +325,12 @@ struct Report {
     kernel_skipped: Option<String>,
 }
 
-fn local_pods<'a>(idx: &'a Index, node: &str) -> Vec<&'a PodInfo> {
-    idx.pods
-        .values()
-        .filter(|p| p.node.as_deref() == Some(node) && p.owns_ips() && !p.ips.is_empty())
-        .collect()
+fn local_pods<'a>(idx: &'a Index, node: &'a str) -> Vec<&'a PodInfo> {
+    idx.local_pods(node).collect()
 }
 
 /// Local pods (key order) that some policy isolates for ingress.
-fn isolated_local_pods<'a>(idx: &'a Index, node: &str) -> Vec<&'a PodInfo> {
+fn isolated_local_pods<'a>(idx: &'a Index, node: &'a str) -> Vec<&'a PodInfo> {
     local_pods(idx, node)
         .into_iter()
         .filter(|p| !idx.isolating_policies(p, Direction::Ingress).is_empty())
@@ -428,7 +422,7 @@ fn measure_change(
         what,
         compile,
         diff_script: diff_stat,
-        diff_commands: commands(&diff),
+        diff_commands: command_count(&diff),
         diff_bytes: diff.len(),
         element_commands: diff
             .lines()
@@ -719,10 +713,10 @@ fn session_changes(
     let t = Instant::now();
     let n = sync(&mut state, add_rs, false)?;
     let first_diff_ms = ms(t.elapsed());
-    if n != commands(add_diff) {
+    if n != command_count(add_diff) {
         bail!(
             "TableState::sync sent {n} commands for the one-pod add, the diff has {}",
-            commands(add_diff)
+            command_count(add_diff)
         );
     }
     verify_session_netns(host_netns)?;
@@ -735,10 +729,10 @@ fn session_changes(
             let t = Instant::now();
             let n = sync(&mut state, rs, false)?;
             samples.push(t.elapsed());
-            if n != commands(diff) {
+            if n != command_count(diff) {
                 bail!(
                     "{label}: TableState::sync sent {n} commands, the diff has {}",
-                    commands(diff)
+                    command_count(diff)
                 );
             }
             sync(&mut state, input.base, false)?;
@@ -787,7 +781,7 @@ fn kernel_in_netns(input: &KernelInput<'_>, host_netns: &std::fs::File) -> Resul
     let empty_table = format!("table inet {TABLE} {{\n}}\n");
     let empty_replace_script = replace_script(&Ruleset::default());
     // Remove the table (harmless when there is none): the next load starts from scratch.
-    let clear = format!("table inet {TABLE}\ndelete table inet {TABLE}\n");
+    let clear = remove_table_script();
 
     let timed = |label: &str, n: usize, f: &mut dyn FnMut() -> Result<Duration>| {
         progress(format!("kernel: {label} ({n} runs)"));

@@ -264,7 +264,7 @@ impl TableState {
                 Some(s) => (s, false),
             },
         };
-        let commands = script.lines().filter(|l| !l.trim().is_empty()).count();
+        let commands = super::command_count(&script);
         match self.run(&script, full) {
             Ok(()) => {
                 self.applied = Some(desired.clone());

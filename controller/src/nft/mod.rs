@@ -186,10 +186,17 @@ pub fn render(ruleset: &Ruleset) -> String {
 /// Replace whatever table is there with this ruleset, atomically: there is never a moment
 /// without rules.
 pub fn replace_script(ruleset: &Ruleset) -> String {
-    format!(
-        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
-        render(ruleset)
-    )
+    format!("{}{}", remove_table_script(), render(ruleset))
+}
+
+/// Remove the table (uninstall, benchmarks). Harmless when it does not exist.
+pub fn remove_table_script() -> String {
+    format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
+}
+
+/// Commands in a script, as transaction sizes are counted (non-empty lines).
+pub fn command_count(script: &str) -> usize {
+    script.lines().filter(|l| !l.trim().is_empty()).count()
 }
 
 /// The commands that turn `old` into `new`, in an order the kernel accepts inside one
