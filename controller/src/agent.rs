@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::compile::compile_node;
+use std::collections::BTreeSet;
+
+use crate::compile::{compile_node, Compiled};
 use crate::metrics::Metrics;
 use crate::nft::{Nft, NftError, TableState};
 use crate::watch::{self, Cluster};
@@ -36,6 +38,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub resync: Duration,
     pub debounce: Duration,
+    /// The least time between the starts of two syncs: bounds the sync rate under a storm of
+    /// changes (they coalesce into the next sync).
+    pub min_sync_interval: Duration,
 }
 
 /// `250ms`, `20s`, `5m`, `1h` (a bare number is seconds).
@@ -88,6 +93,8 @@ pub fn ensure_bridge_netfilter() -> Result<(), String> {
 pub struct Health {
     cluster: Arc<Cluster>,
     bridge_problem: Mutex<Option<String>>,
+    /// The error of the last sync, if it failed.
+    sync_error: Mutex<Option<String>>,
     synced: AtomicBool,
 }
 
@@ -96,6 +103,7 @@ impl Health {
         Self {
             cluster,
             bridge_problem: Mutex::new(None),
+            sync_error: Mutex::new(None),
             synced: AtomicBool::new(false),
         }
     }
@@ -105,6 +113,13 @@ impl Health {
             .bridge_problem
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
+    }
+
+    fn set_sync_error(&self, error: Option<String>) {
+        *self
+            .sync_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
     }
 
     /// `None` when ready: br_netfilter is on, every initial list is in and the first sync has
@@ -129,7 +144,12 @@ impl Health {
         if !self.synced.load(Ordering::Acquire) {
             return Some("the first sync has not been applied yet".into());
         }
-        None
+        let failed = self
+            .sync_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        failed.map(|e| format!("the last sync failed (rules are as last applied; retrying): {e}"))
     }
 }
 
@@ -208,14 +228,20 @@ async fn reconcile(
     check_bridge(&health);
 
     let mut table = Some(TableState::new(Nft::default()));
+    let mut reported = BTreeSet::new();
     let mut resync = tokio::time::interval(config.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is immediate
+    let mut last_start: Option<tokio::time::Instant> = None;
     loop {
         let mut full = false;
         tokio::select! {
             _ = cluster.changed.notified() => {}
             _ = resync.tick() => full = true,
+        }
+        // Bound the rate: changes arriving meanwhile coalesce into this sync.
+        if let Some(last) = last_start {
+            tokio::time::sleep_until(last + config.min_sync_interval).await;
         }
         // Let a burst of changes settle into one transaction.
         tokio::time::sleep(config.debounce).await;
@@ -234,46 +260,27 @@ async fn reconcile(
         if full {
             state.invalidate();
         }
+        last_start = Some(tokio::time::Instant::now());
+        // Every change that arrived before this point is in the index this sync compiles.
+        let pending = cluster.take_pending();
 
         let started = Instant::now();
-        let (compiled, policies, local_pods) = {
-            let index = cluster.index();
-            let local = index.local_pods(&config.node).count();
-            for direction in crate::model::Direction::ALL {
-                let n = crate::compile::isolated_local_pods(&index, &config.node, direction);
-                metrics
-                    .isolated_pods
-                    .get_or_create(&vec![("direction", direction.as_str())])
-                    .set(n as i64);
-            }
-            (
-                compile_node(&index, &config.node),
-                index.policies.len(),
-                local,
-            )
-        };
-        let size = compiled.ruleset.size();
-        for (kind, n) in [
-            ("sets", size.sets),
-            ("set_elements", size.set_elements),
-            ("chains", size.chains),
-            ("rules", size.rules),
-        ] {
-            metrics
-                .ruleset_objects
-                .get_or_create(&vec![("kind", kind)])
-                .set(n as i64);
-        }
+        let compiled = compile_and_measure(&cluster, &config.node, &metrics);
         let compile_time = started.elapsed();
-        metrics.policies.set(policies as i64);
-        metrics.local_pods.set(local_pods as i64);
         metrics
             .sync_duration
             .get_or_create(&vec![("phase", "compile")])
             .observe(compile_time.as_secs_f64());
-        for p in &compiled.problems {
-            tracing::warn!(object = %p.object, "{}", p.message);
+        // Report each problem once, not on every sync.
+        let current: BTreeSet<(String, String)> = compiled
+            .problems
+            .iter()
+            .map(|p| (p.object.clone(), p.message.clone()))
+            .collect();
+        for (object, message) in current.difference(&reported) {
+            tracing::warn!(%object, "{message}");
         }
+        reported = current;
 
         let apply_started = Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
@@ -301,11 +308,18 @@ async fn reconcile(
                     .syncs
                     .get_or_create(&vec![("result", "ok"), ("kind", kind)])
                     .inc();
+                metrics.last_sync_failed.set(0);
                 if applied.commands > 0 {
                     metrics
                         .transaction_commands
                         .observe(applied.commands as f64);
                 }
+                if let Some(since) = pending {
+                    metrics
+                        .programming_latency
+                        .observe(since.elapsed().as_secs_f64());
+                }
+                health.set_sync_error(None);
                 health.synced.store(true, Ordering::Release);
                 tracing::debug!(
                     kind,
@@ -321,6 +335,11 @@ async fn reconcile(
                     .syncs
                     .get_or_create(&vec![("result", "error"), ("kind", kind)])
                     .inc();
+                metrics.last_sync_failed.set(1);
+                if let Some(since) = pending {
+                    cluster.restore_pending(since);
+                }
+                health.set_sync_error(Some(error.to_string()));
                 tracing::error!(%error, node = %config.node, "sync failed; retrying with the whole table");
                 // Retry soon, without waiting for the next change.
                 cluster.changed.notify_one();
@@ -328,6 +347,43 @@ async fn reconcile(
             }
         }
     }
+}
+
+/// Compile this node's ruleset and update the gauges that describe the index and the result.
+fn compile_and_measure(cluster: &Cluster, node: &str, metrics: &Metrics) -> Compiled {
+    let index = cluster.index();
+    for direction in crate::model::Direction::ALL {
+        let n = crate::compile::isolated_local_pods(&index, node, direction);
+        metrics
+            .isolated_pods
+            .get_or_create(&vec![("direction", direction.as_str())])
+            .set(n as i64);
+    }
+    metrics.policies.set(index.policies.len() as i64);
+    let with_errors = index
+        .policies
+        .values()
+        .filter(|p| !p.errors.is_empty())
+        .count();
+    metrics.policies_with_errors.set(with_errors as i64);
+    metrics
+        .local_pods
+        .set(index.local_pods(node).count() as i64);
+    let compiled = compile_node(&index, node);
+    drop(index);
+    let size = compiled.ruleset.size();
+    for (kind, n) in [
+        ("sets", size.sets),
+        ("set_elements", size.set_elements),
+        ("chains", size.chains),
+        ("rules", size.rules),
+    ] {
+        metrics
+            .ruleset_objects
+            .get_or_create(&vec![("kind", kind)])
+            .set(n as i64);
+    }
+    compiled
 }
 
 #[cfg(test)]
@@ -346,6 +402,19 @@ mod tests {
     }
 
     #[test]
+    fn a_change_keeps_its_first_arrival_until_a_sync_succeeds() {
+        let cluster = Cluster::default();
+        assert_eq!(cluster.take_pending(), None);
+        cluster.touch();
+        let first = cluster.take_pending().expect("pending after a change");
+        assert_eq!(cluster.take_pending(), None, "taken once");
+        // A failed sync puts it back; a later change does not make it younger.
+        cluster.touch();
+        cluster.restore_pending(first);
+        assert_eq!(cluster.take_pending(), Some(first));
+    }
+
+    #[test]
     fn not_ready_until_lists_are_in_and_the_first_sync_applied() {
         let cluster = Arc::new(Cluster::default());
         let health = Health::new(cluster.clone());
@@ -361,7 +430,16 @@ mod tests {
         assert!(reason.contains("first sync"), "{reason}");
         health.synced.store(true, Ordering::Release);
         assert_eq!(health.not_ready(), None);
+        health.set_sync_error(Some("nft: Error: Could not process rule".into()));
+        let reason = health.not_ready().unwrap_or_default();
+        assert!(
+            reason.contains("the last sync failed") && reason.contains("nft: Error"),
+            "{reason}"
+        );
         health.set_bridge_problem(Some("br_netfilter is off".into()));
         assert_eq!(health.not_ready().as_deref(), Some("br_netfilter is off"));
+        health.set_bridge_problem(None);
+        health.set_sync_error(None);
+        assert_eq!(health.not_ready(), None);
     }
 }

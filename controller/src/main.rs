@@ -91,9 +91,15 @@ struct AgentArgs {
     #[arg(long, env = "SLUICE_RESYNC", default_value = "5m", value_parser = sluice::agent::parse_duration)]
     resync: std::time::Duration,
     /// How long a change waits for more changes before the table is synced: a burst of
-    /// API events becomes one transaction, and it bounds the rate of syncs. Units: ms, s, m, h.
-    #[arg(long, env = "SLUICE_DEBOUNCE", default_value = "20ms", value_parser = sluice::agent::parse_duration)]
+    /// API events becomes one transaction. It adds to the time from `kubectl apply` to
+    /// enforcement, so keep it short. Units: ms, s, m, h.
+    #[arg(long, env = "SLUICE_DEBOUNCE", default_value = "5ms", value_parser = sluice::agent::parse_duration)]
     debounce: std::time::Duration,
+    /// The least time between the starts of two syncs: bounds the sync rate (and the CPU
+    /// spent compiling) when changes never stop; changes meanwhile coalesce into the next
+    /// sync. A lone change after a quiet spell never waits for it. Units: ms, s, m, h.
+    #[arg(long, env = "SLUICE_MIN_SYNC_INTERVAL", default_value = "50ms", value_parser = sluice::agent::parse_duration)]
+    min_sync_interval: std::time::Duration,
     /// Remove `table inet sluice` from this network namespace and exit (uninstall): pods are
     /// no longer isolated afterwards.
     #[arg(long)]
@@ -124,6 +130,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         listen: args.listen,
         resync: args.resync,
         debounce: args.debounce,
+        min_sync_interval: args.min_sync_interval,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

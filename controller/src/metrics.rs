@@ -25,6 +25,15 @@ pub struct Metrics {
     pub ruleset_objects: Family<Labels, Gauge>,
     /// `direction`: ingress | egress: local pods that some policy isolates.
     pub isolated_pods: Family<Labels, Gauge>,
+    /// From the first API change not yet in the kernel to the commit of the transaction that
+    /// carries it: what a user waits for after `kubectl apply`.
+    pub programming_latency: Histogram,
+    /// `resource`: objects the watches could not convert and skipped (logged with their name).
+    pub objects_skipped: Family<Labels, Counter>,
+    /// NetworkPolicies in the index with at least one field we could not represent.
+    pub policies_with_errors: Gauge,
+    /// 1 when the last sync failed (the table is as last applied; the next sync retries whole).
+    pub last_sync_failed: Gauge,
 }
 
 impl Default for Metrics {
@@ -83,6 +92,30 @@ impl Metrics {
             "Local pods isolated by some policy, by direction",
             isolated_pods.clone(),
         );
+        let programming_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "programming_latency_seconds",
+            "From an API change seen by the agent to the nftables transaction that applies it",
+            programming_latency.clone(),
+        );
+        let objects_skipped = Family::<Labels, Counter>::default();
+        registry.register(
+            "objects_skipped",
+            "Objects from the API that could not be converted and were skipped, by resource",
+            objects_skipped.clone(),
+        );
+        let policies_with_errors = Gauge::default();
+        registry.register(
+            "policies_with_errors",
+            "NetworkPolicies with a field sluice cannot represent (that part allows nothing)",
+            policies_with_errors.clone(),
+        );
+        let last_sync_failed = Gauge::default();
+        registry.register(
+            "last_sync_failed",
+            "1 when the last sync of the table failed (the agent is not ready until one succeeds)",
+            last_sync_failed.clone(),
+        );
         Self {
             registry,
             syncs,
@@ -93,6 +126,10 @@ impl Metrics {
             watch_restarts,
             ruleset_objects,
             isolated_pods,
+            programming_latency,
+            objects_skipped,
+            policies_with_errors,
+            last_sync_failed,
         }
     }
 

@@ -5,6 +5,7 @@
 //! pauses updates: the rules last applied stay in the kernel.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -51,6 +52,8 @@ pub struct Cluster {
     listed: Mutex<[bool; 3]>,
     /// Signalled on every change to the index (a stored permit, so none is lost during a sync).
     pub changed: Notify,
+    /// When the oldest change not yet applied arrived (for the programming latency).
+    pending_since: Mutex<Option<Instant>>,
 }
 
 impl Cluster {
@@ -79,6 +82,29 @@ impl Cluster {
 
     pub(crate) fn mark_listed(&self, kind: Kind) {
         self.listed_slots()[kind.slot()] = true;
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.pending_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Record a change to the index and wake the reconcile loop.
+    pub fn touch(&self) {
+        self.pending().get_or_insert_with(Instant::now);
+        self.changed.notify_one();
+    }
+
+    /// Take the arrival time of the oldest pending change: the sync about to compile covers it.
+    pub fn take_pending(&self) -> Option<Instant> {
+        self.pending().take()
+    }
+
+    /// Put back a taken arrival time when its sync failed, keeping the older one.
+    pub fn restore_pending(&self, since: Instant) {
+        let mut pending = self.pending();
+        *pending = Some(pending.map_or(since, |p| p.min(since)));
     }
 }
 
@@ -166,6 +192,10 @@ impl<O: Resource, I> Sink<'_, O, I> {
         match (self.convert)(self.kind, obj) {
             Ok(info) => Some(info),
             Err(error) => {
+                self.metrics
+                    .objects_skipped
+                    .get_or_create(&vec![("resource", self.kind.as_str())])
+                    .inc();
                 tracing::warn!(
                     resource = self.kind.as_str(),
                     object = %object_name(obj),
@@ -192,22 +222,22 @@ impl<O: Resource, I> Sink<'_, O, I> {
                     tracing::info!(resource = self.kind.as_str(), objects = all.len(), "listed");
                     (self.reset)(self.kind, &mut self.cluster.index(), all);
                     self.cluster.mark_listed(self.kind);
-                    self.cluster.changed.notify_one();
+                    self.cluster.touch();
                 }
                 Ok(Event::Apply(obj)) => match self.convert_logged(&obj) {
                     Some(info) => {
                         (self.apply)(&mut self.cluster.index(), info);
-                        self.cluster.changed.notify_one();
+                        self.cluster.touch();
                     }
                     // The last good version would be stale; drop it rather than enforce it.
                     None => {
                         (self.delete)(self.kind, &mut self.cluster.index(), &obj);
-                        self.cluster.changed.notify_one();
+                        self.cluster.touch();
                     }
                 },
                 Ok(Event::Delete(obj)) => {
                     (self.delete)(self.kind, &mut self.cluster.index(), &obj);
-                    self.cluster.changed.notify_one();
+                    self.cluster.touch();
                 }
                 Err(error) => {
                     self.metrics
