@@ -43,27 +43,6 @@ pub struct Config {
     pub min_sync_interval: Duration,
 }
 
-/// `250ms`, `20s`, `5m`, `1h` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with a unit (ms, s, m, h)"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n.saturating_mul(1000),
-        "m" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m, h)")),
-    };
-    if ms == 0 {
-        return Err(format!("{s:?}: must be more than zero"));
-    }
-    Ok(std::time::Duration::from_millis(ms))
-}
-
 /// The sysctls that make bridged same-node traffic meet the forward hook.
 pub const BRIDGE_SYSCTLS: [&str; 2] = [
     "/proc/sys/net/bridge/bridge-nf-call-iptables",
@@ -389,17 +368,6 @@ fn compile_and_measure(cluster: &Cluster, node: &str, metrics: &Metrics) -> Comp
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_take_units_and_refuse_zero() {
-        assert_eq!(parse_duration("20ms"), Ok(Duration::from_millis(20)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("m").is_err());
-    }
 
     #[test]
     fn a_change_keeps_its_first_arrival_until_a_sync_succeeds() {

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod compile;
+pub mod duration;
 pub mod http;
 pub mod metrics;
 pub mod model;

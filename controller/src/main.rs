@@ -88,17 +88,17 @@ struct AgentArgs {
     listen: std::net::SocketAddr,
     /// How often the whole table is replaced from the index, repairing any drift (someone
     /// deleting or editing the table). Units: ms, s, m, h.
-    #[arg(long, env = "SLUICE_RESYNC", default_value = "5m", value_parser = sluice::agent::parse_duration)]
+    #[arg(long, env = "SLUICE_RESYNC", default_value = "5m", value_parser = sluice::duration::parse)]
     resync: std::time::Duration,
     /// How long a change waits for more changes before the table is synced: a burst of
     /// API events becomes one transaction. It adds to the time from `kubectl apply` to
     /// enforcement, so keep it short. Units: ms, s, m, h.
-    #[arg(long, env = "SLUICE_DEBOUNCE", default_value = "5ms", value_parser = sluice::agent::parse_duration)]
+    #[arg(long, env = "SLUICE_DEBOUNCE", default_value = "5ms", value_parser = sluice::duration::parse)]
     debounce: std::time::Duration,
     /// The least time between the starts of two syncs: bounds the sync rate (and the CPU
     /// spent compiling) when changes never stop; changes meanwhile coalesce into the next
     /// sync. A lone change after a quiet spell never waits for it. Units: ms, s, m, h.
-    #[arg(long, env = "SLUICE_MIN_SYNC_INTERVAL", default_value = "50ms", value_parser = sluice::agent::parse_duration)]
+    #[arg(long, env = "SLUICE_MIN_SYNC_INTERVAL", default_value = "50ms", value_parser = sluice::duration::parse)]
     min_sync_interval: std::time::Duration,
     /// Remove `table inet sluice` from this network namespace and exit (uninstall): pods are
     /// no longer isolated afterwards.
