@@ -16,8 +16,8 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
 use crate::model::{
-    Direction, Family, Index, IpBlock, NamespaceScope, Peer, PodInfo, PolicyInfo, PolicyKey,
-    PortMatch, PortRule, Protocol,
+    Direction, Family, Index, IpBlock, NamespaceScope, Peer, PodInfo, PodKey, PolicyInfo,
+    PolicyKey, PortMatch, PortRule, Protocol,
 };
 use crate::selector::Selector;
 
@@ -40,6 +40,8 @@ pub enum SetKind {
     AddrPorts(Family),
     /// `type ipv4_addr : verdict`: the dispatch map from local pod IP to group chain.
     Dispatch(Family),
+    /// `type ipv4_addr : counter`: local isolated pod IP -> that pod's drop counter.
+    DropCounters(Family),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -48,6 +50,8 @@ pub enum Element {
     Range(IpAddr, IpAddr),
     AddrPort(IpAddr, u16),
     Jump(IpAddr, String),
+    /// `10.244.1.2 : "drop_in_<hash>"`: a pod IP and the counter object its drops go to.
+    Counter(IpAddr, String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +94,14 @@ pub enum Action {
         family: Family,
         map: String,
     },
+    /// `counter name ip daddr map @map`: count the packet into the counter object the map holds
+    /// for this address, then go on (no verdict). An address missing from the map (or a packet
+    /// of the other family) counts nowhere and also goes on.
+    CountInto {
+        side: Side,
+        family: Family,
+        map: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -116,22 +128,44 @@ pub struct Chain {
     pub comment: String,
 }
 
+/// Whose drops a named counter object counts: one per local isolated pod and direction.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CounterInfo {
+    pub namespace: String,
+    pub pod: String,
+    pub direction: Direction,
+}
+
+impl CounterInfo {
+    pub fn describe(&self) -> String {
+        format!(
+            "{} drops of pod {}/{}",
+            self.direction, self.namespace, self.pod
+        )
+    }
+}
+
 /// A node's complete ruleset.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ruleset {
     pub sets: BTreeMap<String, Set>,
     pub chains: BTreeMap<String, Chain>,
+    /// Named counter objects (`drop_in_<hash>`, `drop_eg_<hash>`) by name: what the group
+    /// chains dropped, per local isolated pod and direction.
+    pub counters: BTreeMap<String, CounterInfo>,
 }
 
 /// How big a ruleset is, for metrics and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RulesetSize {
-    /// Sets and verdict maps.
+    /// Sets, verdict maps and counter maps.
     pub sets: usize,
     /// Their elements.
     pub set_elements: usize,
     pub chains: usize,
     pub rules: usize,
+    /// Named counter objects (one per local isolated pod and direction).
+    pub counters: usize,
 }
 
 impl Ruleset {
@@ -141,6 +175,7 @@ impl Ruleset {
             set_elements: self.sets.values().map(|s| s.elements.len()).sum(),
             chains: self.chains.len(),
             rules: self.chains.values().map(|c| c.rules.len()).sum(),
+            counters: self.counters.len(),
         }
     }
 }
@@ -175,6 +210,22 @@ pub const INGRESS_PRIORITY: i32 = 0;
 
 pub fn dispatch_map(direction: Direction, family: Family) -> String {
     format!("{direction}_{}", family.suffix())
+}
+
+/// `drops_in_v4`: the counter map of a direction and family (pod IP -> drop counter).
+pub fn drop_counter_map(direction: Direction, family: Family) -> String {
+    format!("drops_{}_{}", direction_tag(direction), family.suffix())
+}
+
+/// `drop_in_<12 hex>`: the drop counter of a pod in a direction. Derived from the pod's key
+/// alone, so it survives the pod moving between group chains; a valid nft identifier of 20
+/// bytes. Use `Ruleset::counters` to map it back to the pod.
+pub fn drop_counter_name(direction: Direction, pod: &PodKey) -> String {
+    format!(
+        "drop_{}_{}",
+        direction_tag(direction),
+        short_hash(&pod.to_string())
+    )
 }
 
 fn short_hash(text: &str) -> String {
@@ -295,6 +346,24 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
                 )
             })
             .collect();
+        let mut counter_maps: BTreeMap<Family, Set> = Family::ALL
+            .into_iter()
+            .map(|f| {
+                (
+                    f,
+                    Set {
+                        kind: SetKind::DropCounters(f),
+                        elements: BTreeSet::new(),
+                        comment: format!("{direction}: isolated local pod IP -> drop counter"),
+                    },
+                )
+            })
+            .collect();
+        // Ingress drops are counted for the destination pod, egress drops for the source.
+        let pod_side = match direction {
+            Direction::Ingress => Side::Destination,
+            Direction::Egress => Side::Source,
+        };
         let mut claimed: BTreeMap<IpAddr, String> = BTreeMap::new();
         let mut policy_chains: BTreeSet<PolicyKey> = BTreeSet::new();
         for (keys, pods) in &groups {
@@ -307,6 +376,19 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
                     comment: None,
                 })
                 .collect();
+            // Only packets about to be dropped get here: count them per pod, then drop (the
+            // final rule also drops what no counter map knows).
+            for family in Family::ALL {
+                rules.push(Rule {
+                    matches: vec![],
+                    action: Action::CountInto {
+                        side: pod_side,
+                        family,
+                        map: drop_counter_map(direction, family),
+                    },
+                    comment: None,
+                });
+            }
             rules.push(Rule {
                 matches: vec![],
                 action: Action::CountedDrop,
@@ -323,6 +405,15 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
             );
             policy_chains.extend(keys.iter().cloned());
             for pod in pods {
+                let counter = drop_counter_name(direction, &pod.key);
+                out.ruleset.counters.insert(
+                    counter.clone(),
+                    CounterInfo {
+                        namespace: pod.key.namespace.clone(),
+                        pod: pod.key.name.clone(),
+                        direction,
+                    },
+                );
                 for ip in &pod.ips {
                     if let Some(owner) = claimed.get(ip) {
                         out.problems.push(Problem {
@@ -335,6 +426,9 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
                     if let Some(map) = maps.get_mut(&Family::of(ip)) {
                         map.elements.insert(Element::Jump(*ip, group.clone()));
                     }
+                    if let Some(map) = counter_maps.get_mut(&Family::of(ip)) {
+                        map.elements.insert(Element::Counter(*ip, counter.clone()));
+                    }
                 }
             }
         }
@@ -342,6 +436,11 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
             out.ruleset
                 .sets
                 .insert(dispatch_map(direction, family), map);
+        }
+        for (family, map) in counter_maps {
+            out.ruleset
+                .sets
+                .insert(drop_counter_map(direction, family), map);
         }
         for key in policy_chains {
             if let Some(policy) = index.policies.get(&key) {
@@ -755,14 +854,18 @@ mod tests {
         );
         let rs = compile_node(&idx, "node-1").ruleset;
         let size = rs.size();
-        assert_eq!(size.sets, 4, "the four dispatch maps");
-        assert_eq!(size.set_elements, 4, "x/a and x/c, both families");
+        assert_eq!(size.sets, 8, "the four dispatch maps and four counter maps");
+        assert_eq!(
+            size.set_elements, 8,
+            "x/a and x/c, both families, dispatch and counter maps"
+        );
         assert_eq!(size.chains, 4, "two base chains, one group, one policy");
         assert_eq!(
             size.rules,
-            4 + 4 + 2,
-            "base chains 4 each, group: jump + drop"
+            4 + 4 + 4,
+            "base chains 4 each, group: jump, count v4, count v6, drop"
         );
+        assert_eq!(size.counters, 2, "x/a and x/c, ingress");
         assert_eq!(isolated_local_pods(&idx, "node-1", Direction::Ingress), 2);
         assert_eq!(isolated_local_pods(&idx, "node-1", Direction::Egress), 0);
     }
@@ -803,5 +906,158 @@ mod tests {
             2,
             "x/a and x/c stay isolated"
         );
+    }
+
+    #[test]
+    fn each_isolated_local_pod_gets_a_counter_per_isolated_direction() {
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "deny",
+            r#"{"podSelector": {}, "ingress": []}"#,
+        );
+        add_policy(
+            &mut idx,
+            "x",
+            "egress-a",
+            r#"{"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"]}"#,
+        );
+        let rs = compile_node(&idx, "node-1").ruleset;
+        let mut got: Vec<(String, Direction)> = rs
+            .counters
+            .values()
+            .map(|c| (format!("{}/{}", c.namespace, c.pod), c.direction))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("x/a".to_string(), Direction::Ingress),
+                ("x/a".to_string(), Direction::Egress),
+                ("x/c".to_string(), Direction::Ingress),
+            ],
+            "y/*, z/* and node-2's x/b are not isolated here"
+        );
+        for direction in Direction::ALL {
+            assert_eq!(
+                rs.counters
+                    .values()
+                    .filter(|c| c.direction == direction)
+                    .count(),
+                isolated_local_pods(&idx, "node-1", direction)
+            );
+        }
+        // Every counter is named after its pod, and the maps send each of the pod's addresses
+        // (both families) to it.
+        for (name, info) in &rs.counters {
+            let pod = PodKey::new(info.namespace.clone(), info.pod.clone());
+            assert_eq!(*name, drop_counter_name(info.direction, &pod));
+            let ips = &idx.pods[&pod].ips;
+            for ip in ips {
+                let map = &rs.sets[&drop_counter_map(info.direction, Family::of(ip))];
+                assert_eq!(map.kind, SetKind::DropCounters(Family::of(ip)));
+                assert!(map.elements.contains(&Element::Counter(*ip, name.clone())));
+            }
+        }
+        // And nothing else is in the counter maps.
+        let elements: usize = rs
+            .sets
+            .values()
+            .filter(|s| matches!(s.kind, SetKind::DropCounters(_)))
+            .map(|s| s.elements.len())
+            .sum();
+        assert_eq!(elements, 3 * 2);
+        // Nothing isolated on node-1 for y: no counters for an unselected node either.
+        assert!(compile_node(&three_namespaces(), "node-1")
+            .ruleset
+            .counters
+            .is_empty());
+    }
+
+    #[test]
+    fn group_chains_count_per_pod_before_the_final_drop() {
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "deny",
+            r#"{"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}"#,
+        );
+        let rs = compile_node(&idx, "node-1").ruleset;
+        for (name, chain) in rs.chains.iter().filter(|(_, c)| c.kind == ChainKind::Group) {
+            let (direction, side) = if name.starts_with("grp.in.") {
+                (Direction::Ingress, Side::Destination)
+            } else {
+                (Direction::Egress, Side::Source)
+            };
+            let tail: Vec<&Action> = chain
+                .rules
+                .iter()
+                .rev()
+                .take(3)
+                .map(|r| &r.action)
+                .collect();
+            assert_eq!(
+                tail,
+                vec![
+                    &Action::CountedDrop,
+                    &Action::CountInto {
+                        side,
+                        family: Family::V6,
+                        map: drop_counter_map(direction, Family::V6)
+                    },
+                    &Action::CountInto {
+                        side,
+                        family: Family::V4,
+                        map: drop_counter_map(direction, Family::V4)
+                    },
+                ],
+                "{name}"
+            );
+        }
+        // Nothing on the accept path: base and policy chains have no counting.
+        assert!(rs
+            .chains
+            .values()
+            .filter(|c| c.kind != ChainKind::Group)
+            .flat_map(|c| &c.rules)
+            .all(|r| !matches!(r.action, Action::CountInto { .. } | Action::CountedDrop)));
+    }
+
+    #[test]
+    fn counter_names_are_deterministic_and_follow_the_pod() {
+        let pod = key("x/a");
+        let name = drop_counter_name(Direction::Ingress, &pod);
+        assert_eq!(name, drop_counter_name(Direction::Ingress, &key("x/a")));
+        assert_ne!(name, drop_counter_name(Direction::Egress, &pod));
+        assert_ne!(name, drop_counter_name(Direction::Ingress, &key("x/b")));
+        assert!(name.starts_with("drop_in_"), "{name}");
+        assert_eq!(name.len(), "drop_in_".len() + 12);
+        assert!(name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+        let long = PodKey::new("n".repeat(63), "p".repeat(253));
+        assert_eq!(drop_counter_name(Direction::Egress, &long).len(), 20);
+
+        // A pod moving to another group chain keeps its counter and its counter elements.
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "deny",
+            r#"{"podSelector": {}, "ingress": []}"#,
+        );
+        let before = compile_node(&idx, "node-1").ruleset;
+        add_policy(
+            &mut idx,
+            "x",
+            "web",
+            r#"{"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": [{"port": 80}]}]}"#,
+        );
+        let after = compile_node(&idx, "node-1").ruleset;
+        assert_ne!(before.sets["ingress_v4"], after.sets["ingress_v4"]);
+        assert_eq!(before.counters, after.counters);
+        assert_eq!(before.sets["drops_in_v4"], after.sets["drops_in_v4"]);
     }
 }

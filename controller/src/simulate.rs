@@ -74,6 +74,8 @@ fn run_chain(rs: &Ruleset, name: &str, p: &Packet, depth: usize) -> Outcome {
         let next = match &rule.action {
             Action::Accept => return Outcome::Accept,
             Action::CountedDrop => return Outcome::Drop,
+            // Counting into a pod's drop counter has no verdict: the next rule decides.
+            Action::CountInto { .. } => Outcome::Continue,
             Action::Jump(target) => run_chain(rs, target, p, depth + 1),
             Action::Dispatch { side, family, map } => {
                 let ip = match side {
@@ -223,6 +225,47 @@ mod tests {
             "from-x-a",
             r#"{"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}, "podSelector": {"matchLabels": {"pod": "a"}}}]}]}"#,
         );
+        assert_agrees(&idx);
+    }
+
+    #[test]
+    fn counting_into_pod_counters_changes_no_verdict() {
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "deny",
+            r#"{"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [{"ports": [{"port": 80}]}]}"#,
+        );
+        let with = rulesets(&idx);
+        let mut without = with.clone();
+        let mut counted = 0;
+        for rs in without.values_mut() {
+            for chain in rs.chains.values_mut() {
+                let n = chain.rules.len();
+                chain
+                    .rules
+                    .retain(|r| !matches!(r.action, Action::CountInto { .. }));
+                counted += n - chain.rules.len();
+            }
+        }
+        assert_eq!(
+            counted, 8,
+            "two nodes, each one ingress and one egress group, two families"
+        );
+        let keys: Vec<PodKey> = idx.pods.keys().cloned().collect();
+        for s in &keys {
+            for d in &keys {
+                for port in [80, 81] {
+                    for family in Family::ALL {
+                        let a = connection_allowed(&idx, &with, s, d, Protocol::Tcp, port, family);
+                        let b =
+                            connection_allowed(&idx, &without, s, d, Protocol::Tcp, port, family);
+                        assert_eq!(a, b, "{s} -> {d} {port} {family}");
+                    }
+                }
+            }
+        }
         assert_agrees(&idx);
     }
 }

@@ -20,6 +20,8 @@ pub enum NftError {
     Rejected { stderr: String },
     #[error("the nft session failed ({0}); the next sync replaces the table")]
     Session(String),
+    #[error("reading counters with {command} failed: {message}")]
+    Counters { command: String, message: String },
 }
 
 /// How long a diff may take in the session before we give up on it.
@@ -140,7 +142,7 @@ impl Nft {
         }
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub(super) fn command(&self, args: &[&str]) -> Command {
         match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");

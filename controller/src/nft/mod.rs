@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use crate::compile::{
-    Action, Chain, ChainKind, Element, Match, Rule, Ruleset, Set, SetKind, Side, TABLE,
+    Action, Chain, ChainKind, CounterInfo, Element, Match, Rule, Ruleset, Set, SetKind, Side, TABLE,
 };
 use crate::model::Family;
 
@@ -76,6 +76,12 @@ pub fn rule_text(rule: &Rule) -> String {
         Action::Dispatch { side, family, map } => {
             format!("{} {} vmap @{map}", family_expr(*family), side_expr(*side))
         }
+        // nft adds the `meta nfproto` dependency itself, as for the vmap above.
+        Action::CountInto { side, family, map } => format!(
+            "counter name {} {} map @{map}",
+            family_expr(*family),
+            side_expr(*side)
+        ),
     });
     if let Some(c) = &rule.comment {
         parts.push(comment(c));
@@ -94,12 +100,13 @@ pub fn element_text(e: &Element) -> String {
         Element::Range(a, b) => format!("{}-{}", ip_text(a), ip_text(b)),
         Element::AddrPort(ip, port) => format!("{} . {port}", ip_text(ip)),
         Element::Jump(ip, chain) => format!("{} : jump {chain}", ip_text(ip)),
+        Element::Counter(ip, counter) => format!("{} : \"{counter}\"", ip_text(ip)),
     }
 }
 
 fn set_keyword(set: &Set) -> &'static str {
     match set.kind {
-        SetKind::Dispatch(_) => "map",
+        SetKind::Dispatch(_) | SetKind::DropCounters(_) => "map",
         _ => "set",
     }
 }
@@ -111,6 +118,7 @@ fn set_spec(set: &Set) -> Vec<String> {
         SetKind::Ranges(f) => vec![format!("type {}", addr_type(f)), "flags interval".into()],
         SetKind::AddrPorts(f) => vec![format!("type {} . inet_service", addr_type(f))],
         SetKind::Dispatch(f) => vec![format!("type {} : verdict", addr_type(f))],
+        SetKind::DropCounters(f) => vec![format!("type {} : counter", addr_type(f))],
     };
     spec.push(comment(&set.comment));
     spec
@@ -132,26 +140,43 @@ fn elements_text(elements: &BTreeSet<Element>) -> String {
     items.join(", ")
 }
 
-/// Order in which objects must be created: plain sets, then chains that only use sets, then the
-/// group chains that jump to them, then the maps that jump to groups, then the base chains.
+/// Order in which objects must be created: counter objects, then plain sets and the counter
+/// maps that name counters, then chains that only use sets, then the group chains that jump to
+/// them (and count into the counter maps), then the maps that jump to groups, then the base
+/// chains.
+const COUNTER_RANK: u8 = 0;
+
 fn creation_rank_set(set: &Set) -> u8 {
     match set.kind {
-        SetKind::Dispatch(_) => 3,
-        _ => 0,
+        SetKind::Dispatch(_) => 4,
+        _ => 1,
     }
 }
 
 fn creation_rank_chain(chain: &Chain) -> u8 {
     match chain.kind {
-        ChainKind::Policy => 1,
-        ChainKind::Group => 2,
-        ChainKind::Base { .. } => 4,
+        ChainKind::Policy => 2,
+        ChainKind::Group => 3,
+        ChainKind::Base { .. } => 5,
     }
+}
+
+/// The declaration inside `{ }` of a counter object (it starts at zero).
+fn counter_spec(info: &CounterInfo) -> Vec<String> {
+    vec![comment(&info.describe())]
 }
 
 /// The whole table as an nft block, in an order nft accepts in one go.
 pub fn render(ruleset: &Ruleset) -> String {
     let mut items: Vec<(u8, String)> = Vec::new();
+    for (name, info) in &ruleset.counters {
+        let mut text = format!("\tcounter {name} {{\n");
+        for line in counter_spec(info) {
+            let _ = writeln!(text, "\t\t{line}");
+        }
+        text.push_str("\t}\n");
+        items.push((COUNTER_RANK, text));
+    }
     for (name, set) in &ruleset.sets {
         let mut text = format!("\t{} {name} {{\n", set_keyword(set));
         for line in set_spec(set) {
@@ -205,7 +230,18 @@ pub fn command_count(script: &str) -> usize {
 pub fn diff_script(old: &Ruleset, new: &Ruleset) -> Option<String> {
     let mut out = String::new();
     let t = TABLE;
-    // 1. Declare new sets (in creation order) and new chains (empty for now).
+    // 1. Declare new counters (counter maps' elements name them), new sets (in creation order)
+    //    and new chains (empty for now). A counter's name and comment derive from its pod and
+    //    direction, so a counter is either there or not: never changed.
+    for (name, info) in &new.counters {
+        if !old.counters.contains_key(name) {
+            let _ = writeln!(
+                out,
+                "add counter inet {t} {name} {{ {}; }}",
+                counter_spec(info).join("; ")
+            );
+        }
+    }
     let mut new_sets: Vec<(&String, &Set)> = new
         .sets
         .iter()
@@ -310,17 +346,27 @@ pub fn diff_script(old: &Ruleset, new: &Ruleset) -> Option<String> {
     for (name, set) in gone_sets {
         let _ = writeln!(out, "delete {} inet {t} {name}", set_keyword(set));
     }
+    // 6. Counters that are gone: their map elements were deleted in step 2 (or their maps in
+    //    step 5), so nothing names them any more.
+    for name in old.counters.keys() {
+        if !new.counters.contains_key(name) {
+            let _ = writeln!(out, "delete counter inet {t} {name}");
+        }
+    }
     (!out.is_empty()).then_some(out)
 }
 
 mod apply;
+mod counters;
 
 pub use apply::{Applied, Nft, NftError, TableState};
+pub use counters::{take_counters, CounterValue};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::compile::compile_node;
+    use crate::model::Direction;
     use crate::testutil::*;
 
     #[test]
@@ -370,10 +416,17 @@ mod tests {
         let after = compile_node(&idx, "node-1").ruleset;
         let script = diff_script(&before, &after).unwrap();
         assert!(
-            script.lines().all(|l| l.starts_with("add element")),
+            script
+                .lines()
+                .all(|l| l.starts_with("add element") || l.starts_with("add counter")),
             "{script}"
         );
         assert!(script.contains("10.244.1.50 : jump grp.in."));
+        assert_eq!(
+            script.matches("add counter").count(),
+            1,
+            "x/d's ingress counter"
+        );
     }
 
     #[test]
@@ -406,5 +459,91 @@ mod tests {
         let c = comment(&format!("a\"b{}", "x".repeat(300)));
         assert!(c.len() < 140);
         assert!(!c[9..c.len() - 1].contains('"'));
+    }
+
+    #[test]
+    fn render_declares_counters_before_their_maps_and_maps_before_group_chains() {
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "deny",
+            r#"{"podSelector": {}, "ingress": []}"#,
+        );
+        let rs = compile_node(&idx, "node-1").ruleset;
+        let text = render(&rs);
+        let pos = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("{needle} in {text}"))
+        };
+        let a = crate::compile::drop_counter_name(Direction::Ingress, &key("x/a"));
+        assert!(text.contains(&format!(
+            "counter {a} {{\n\t\tcomment \"ingress drops of pod x/a\"\n\t}}"
+        )));
+        assert!(pos(&format!("counter {a}")) < pos("map drops_in_v4"));
+        assert!(text.contains(&format!("10.244.1.2 : \"{a}\"")), "{text}");
+        assert!(pos("map drops_in_v4") < pos("chain grp.in."));
+        assert!(pos("type ipv4_addr : counter") < pos("chain grp.in."));
+        assert!(text.contains(
+            "\t\tcounter name ip daddr map @drops_in_v4\n\t\tcounter name ip6 daddr map @drops_in_v6\n\t\tcounter drop\n"
+        ));
+    }
+
+    #[test]
+    fn diff_adds_counters_before_naming_them_and_deletes_them_after() {
+        let idx = three_namespaces();
+        let before = compile_node(&idx, "node-1").ruleset;
+        let mut isolated = idx.clone();
+        add_policy(
+            &mut isolated,
+            "x",
+            "deny",
+            r#"{"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"]}"#,
+        );
+        let after = compile_node(&isolated, "node-1").ruleset;
+        let a = crate::compile::drop_counter_name(Direction::Egress, &key("x/a"));
+        assert_eq!(after.counters.len(), 1);
+        let script = diff_script(&before, &after).unwrap();
+        let pos = |script: &str, needle: &str| {
+            script
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle} in {script}"))
+        };
+        let add = format!("add counter inet sluice {a} {{ comment \"egress drops of pod x/a\"; }}");
+        assert!(pos(&script, &add) < pos(&script, "add element inet sluice drops_eg_v4"));
+        assert!(
+            pos(&script, "add element inet sluice drops_eg_v4")
+                < pos(&script, "add rule inet sluice grp.eg.")
+        );
+        assert!(script.contains(&format!(
+            "add element inet sluice drops_eg_v4 {{ 10.244.1.2 : \"{a}\" }}"
+        )));
+        assert!(script.contains(&format!(
+            "add element inet sluice drops_eg_v6 {{ fd00:10:244:1::2 : \"{a}\" }}"
+        )));
+        assert_eq!(script.matches("add counter").count(), 1);
+
+        let back = diff_script(&after, &before).unwrap();
+        let del = format!("delete counter inet sluice {a}");
+        assert!(pos(&back, "delete element inet sluice drops_eg_v4") < pos(&back, &del));
+        assert!(pos(&back, "delete element inet sluice drops_eg_v6") < pos(&back, &del));
+        assert!(pos(&back, "delete chain inet sluice grp.eg.") < pos(&back, &del));
+        assert!(back.trim_end().ends_with(&del), "{back}");
+
+        // A second pod joining the same group: its counter and elements only.
+        isolated.apply_pod(mk_pod("x/d", "node-1", &["10.244.1.50"], &[("pod", "a")]));
+        let more = compile_node(&isolated, "node-1").ruleset;
+        let d = crate::compile::drop_counter_name(Direction::Egress, &key("x/d"));
+        let script = diff_script(&after, &more).unwrap();
+        assert!(
+            script
+                .lines()
+                .all(|l| l.starts_with("add element") || l.starts_with("add counter")),
+            "{script}"
+        );
+        assert!(
+            pos(&script, &format!("add counter inet sluice {d}"))
+                < pos(&script, &format!("10.244.1.50 : \"{d}\""))
+        );
     }
 }
