@@ -754,24 +754,40 @@ pub struct Index {
 }
 
 impl Index {
-    pub fn apply_namespace(&mut self, ns: NamespaceInfo) {
+    /// Insert or replace; `false` when the index already held exactly this (an update that
+    /// changed nothing policy looks at, e.g. a condition in its status).
+    pub fn apply_namespace(&mut self, ns: NamespaceInfo) -> bool {
+        if self.namespaces.get(&ns.name) == Some(&ns) {
+            return false;
+        }
         self.namespaces.insert(ns.name.clone(), ns);
+        true
     }
 
     pub fn delete_namespace(&mut self, name: &str) {
         self.namespaces.remove(name);
     }
 
-    pub fn apply_pod(&mut self, pod: PodInfo) {
+    /// Insert or replace; `false` when nothing policy looks at changed.
+    pub fn apply_pod(&mut self, pod: PodInfo) -> bool {
+        if self.pods.get(&pod.key) == Some(&pod) {
+            return false;
+        }
         self.pods.insert(pod.key.clone(), pod);
+        true
     }
 
     pub fn delete_pod(&mut self, key: &PodKey) {
         self.pods.remove(key);
     }
 
-    pub fn apply_policy(&mut self, policy: PolicyInfo) {
+    /// Insert or replace; `false` when nothing changed.
+    pub fn apply_policy(&mut self, policy: PolicyInfo) -> bool {
+        if self.policies.get(&policy.key) == Some(&policy) {
+            return false;
+        }
         self.policies.insert(policy.key.clone(), policy);
+        true
     }
 
     pub fn delete_policy(&mut self, key: &PolicyKey) {
@@ -836,5 +852,32 @@ impl Index {
             .map(|(_, p)| p)
             .filter(|p| p.rules(direction).is_some() && p.selects(pod))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testutil::{add_policy, mk_namespace, mk_pod, three_namespaces};
+
+    #[test]
+    fn applying_what_the_index_holds_reports_no_change() {
+        let mut index = three_namespaces();
+        let pod = mk_pod("x/new", "node-1", &["10.244.1.77"], &[("pod", "new")]);
+        assert!(index.apply_pod(pod.clone()), "a new pod is a change");
+        assert!(!index.apply_pod(pod.clone()), "the same pod again is not");
+        let mut relabelled = pod;
+        relabelled.labels.insert("pod".into(), "other".into());
+        assert!(index.apply_pod(relabelled), "a relabel is");
+
+        let ns = mk_namespace("w", &[("team", "a")]);
+        assert!(index.apply_namespace(ns.clone()));
+        assert!(!index.apply_namespace(ns));
+
+        add_policy(&mut index, "x", "deny", r#"{"podSelector": {}}"#);
+        let policy = index.policies.values().next().cloned().expect("a policy");
+        assert!(!index.apply_policy(policy.clone()));
+        let mut changed = policy;
+        changed.key.name = "deny-2".into();
+        assert!(index.apply_policy(changed));
     }
 }

@@ -169,7 +169,7 @@ fn convert_dynamic(kind: Kind, obj: &DynamicObject) -> Result<Converted, String>
     }
 }
 
-fn apply_converted(index: &mut Index, c: Converted) {
+fn apply_converted(index: &mut Index, c: Converted) -> bool {
     match c {
         Converted::Pod(p) => index.apply_pod(p),
         Converted::Policy(p) => index.apply_policy(p),
@@ -182,7 +182,8 @@ struct Sink<'a, O, I> {
     cluster: &'a Cluster,
     metrics: &'a Metrics,
     convert: fn(Kind, &O) -> Result<I, String>,
-    apply: fn(&mut Index, I),
+    /// `false` when the index already held this (no sync needed).
+    apply: fn(&mut Index, I) -> bool,
     delete: fn(Kind, &mut Index, &O),
     reset: fn(Kind, &mut Index, Vec<I>),
 }
@@ -226,8 +227,12 @@ impl<O: Resource, I> Sink<'_, O, I> {
                 }
                 Ok(Event::Apply(obj)) => match self.convert_logged(&obj) {
                     Some(info) => {
-                        (self.apply)(&mut self.cluster.index(), info);
-                        self.cluster.touch();
+                        // Most updates (conditions, container statuses) change nothing policy
+                        // looks at: no sync for those.
+                        let changed = (self.apply)(&mut self.cluster.index(), info);
+                        if changed {
+                            self.cluster.touch();
+                        }
                     }
                     // The last good version would be stale; drop it rather than enforce it.
                     None => {
