@@ -14,7 +14,7 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
@@ -134,25 +134,25 @@ pub enum Converted {
 
 fn convert_namespace(
     _: Kind,
-    obj: &PartialObjectMeta<Namespace>,
+    obj: PartialObjectMeta<Namespace>,
 ) -> Result<crate::model::NamespaceInfo, String> {
     let ns = Namespace {
-        metadata: obj.metadata.clone(),
+        metadata: obj.metadata,
         ..Namespace::default()
     };
     namespace_info(&ns).map_err(|e| e.to_string())
 }
 
-fn convert_dynamic(kind: Kind, obj: &DynamicObject) -> Result<Converted, String> {
+fn convert_dynamic(kind: Kind, obj: DynamicObject) -> Result<Converted, String> {
     match kind {
         Kind::Pods => {
-            let pod: Pod = obj.clone().try_parse().map_err(|e| e.to_string())?;
+            let pod: Pod = obj.try_parse().map_err(|e| e.to_string())?;
             pod_info(&pod)
                 .map(Converted::Pod)
                 .map_err(|e| e.to_string())
         }
         Kind::NetworkPolicies => {
-            let policy: NetworkPolicy = obj.clone().try_parse().map_err(|e| e.to_string())?;
+            let policy: NetworkPolicy = obj.try_parse().map_err(|e| e.to_string())?;
             let info = policy_info(&policy).map_err(|e| e.to_string())?;
             for e in &info.errors {
                 tracing::warn!(
@@ -181,15 +181,17 @@ struct Sink<'a, O, I> {
     kind: Kind,
     cluster: &'a Cluster,
     metrics: &'a Metrics,
-    convert: fn(Kind, &O) -> Result<I, String>,
+    /// Takes the object: an untyped object is parsed in place, never copied.
+    convert: fn(Kind, O) -> Result<I, String>,
     /// `false` when the index already held this (no sync needed).
     apply: fn(&mut Index, I) -> bool,
-    delete: fn(Kind, &mut Index, &O),
+    delete: fn(Kind, &mut Index, &ObjectKey),
     reset: fn(Kind, &mut Index, Vec<I>),
 }
 
 impl<O: Resource, I> Sink<'_, O, I> {
-    fn convert_logged(&self, obj: &O) -> Option<I> {
+    fn convert_logged(&self, obj: O) -> Option<I> {
+        let name = object_name(&obj);
         match (self.convert)(self.kind, obj) {
             Ok(info) => Some(info),
             Err(error) => {
@@ -199,7 +201,7 @@ impl<O: Resource, I> Sink<'_, O, I> {
                     .inc();
                 tracing::warn!(
                     resource = self.kind.as_str(),
-                    object = %object_name(obj),
+                    object = %name,
                     %error,
                     "skipped an object that could not be converted"
                 );
@@ -217,7 +219,7 @@ impl<O: Resource, I> Sink<'_, O, I> {
         while let Some(event) = stream.next().await {
             match event {
                 Ok(Event::Init) => buffer.clear(),
-                Ok(Event::InitApply(obj)) => buffer.extend(self.convert_logged(&obj)),
+                Ok(Event::InitApply(obj)) => buffer.extend(self.convert_logged(obj)),
                 Ok(Event::InitDone) => {
                     let all = std::mem::take(&mut buffer);
                     tracing::info!(resource = self.kind.as_str(), objects = all.len(), "listed");
@@ -225,23 +227,26 @@ impl<O: Resource, I> Sink<'_, O, I> {
                     self.cluster.mark_listed(self.kind);
                     self.cluster.touch();
                 }
-                Ok(Event::Apply(obj)) => match self.convert_logged(&obj) {
-                    Some(info) => {
-                        // Most updates (conditions, container statuses) change nothing policy
-                        // looks at: no sync for those.
-                        let changed = (self.apply)(&mut self.cluster.index(), info);
-                        if changed {
+                Ok(Event::Apply(obj)) => {
+                    let key = key_of(&obj);
+                    match self.convert_logged(obj) {
+                        Some(info) => {
+                            // Most updates (conditions, container statuses) change nothing policy
+                            // looks at: no sync for those.
+                            let changed = (self.apply)(&mut self.cluster.index(), info);
+                            if changed {
+                                self.cluster.touch();
+                            }
+                        }
+                        // The last good version would be stale; drop it rather than enforce it.
+                        None => {
+                            (self.delete)(self.kind, &mut self.cluster.index(), &key);
                             self.cluster.touch();
                         }
                     }
-                    // The last good version would be stale; drop it rather than enforce it.
-                    None => {
-                        (self.delete)(self.kind, &mut self.cluster.index(), &obj);
-                        self.cluster.touch();
-                    }
-                },
+                }
                 Ok(Event::Delete(obj)) => {
-                    (self.delete)(self.kind, &mut self.cluster.index(), &obj);
+                    (self.delete)(self.kind, &mut self.cluster.index(), &key_of(&obj));
                     self.cluster.touch();
                 }
                 Err(error) => {
@@ -260,11 +265,10 @@ impl<O: Resource, I> Sink<'_, O, I> {
     }
 }
 
-fn delete_dynamic(kind: Kind, index: &mut Index, obj: &DynamicObject) {
-    let key = key_of(obj);
+fn delete_by_key(kind: Kind, index: &mut Index, key: &ObjectKey) {
     match kind {
-        Kind::Pods => index.delete_pod(&key),
-        Kind::NetworkPolicies => index.delete_policy(&key),
+        Kind::Pods => index.delete_pod(key),
+        Kind::NetworkPolicies => index.delete_policy(key),
         Kind::Namespaces => index.delete_namespace(&key.name),
     }
 }
@@ -295,7 +299,7 @@ where
         metrics,
         convert: convert_dynamic,
         apply: apply_converted,
-        delete: delete_dynamic,
+        delete: delete_by_key,
         reset: reset_dynamic,
     }
     .run(stream)
@@ -311,7 +315,7 @@ async fn watch_namespaces(client: Client, cluster: &Cluster, metrics: &Metrics) 
         metrics,
         convert: convert_namespace,
         apply: Index::apply_namespace,
-        delete: |_, index, obj| index.delete_namespace(&obj.name_any()),
+        delete: delete_by_key,
         reset: |_, index, all| index.reset_namespaces(all),
     }
     .run(stream)
