@@ -32,12 +32,20 @@ impl CniError {
 
     /// The error result JSON (`{"cniVersion","code","msg","details"}`), newline-terminated.
     pub fn render(&self, cni_version: &str) -> String {
-        let mut s = serde_json::to_string_pretty(&json!({
-            "cniVersion": cni_version,
-            "code": self.code,
-            "msg": self.msg,
-            "details": self.details,
-        }))
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Rendered<'a> {
+            cni_version: &'a str,
+            code: u32,
+            msg: &'a str,
+            details: &'a str,
+        }
+        let mut s = serde_json::to_string_pretty(&Rendered {
+            cni_version,
+            code: self.code,
+            msg: &self.msg,
+            details: &self.details,
+        })
         .expect("json values serialize");
         s.push('\n');
         s

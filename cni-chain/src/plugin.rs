@@ -376,10 +376,10 @@ fn finish_add(call: &Call, answer: Result<Response, ClientError>) -> Outcome {
         FailMode::Closed => {
             let e = CniError::new(
                 code,
-                format!("{what} ({subject})"),
+                what,
                 format!(
-                    "{detail}; failMode is closed: the pod does not start without its rules \
-                     (the runtime retries)"
+                    "{subject}: {detail}; failMode is closed: the pod does not start without \
+                     its rules (the runtime retries)"
                 ),
             );
             Outcome::failure(&e, &call.config.cni_version, "ADD")
@@ -388,7 +388,7 @@ fn finish_add(call: &Call, answer: Result<Response, ClientError>) -> Outcome {
             stdout: render_result(prev),
             warnings: vec![format!(
                 "WARNING: failMode is open: {subject} starts WITHOUT confirmed network policy: \
-                 {what}: {detail}"
+                 {detail}"
             )],
             exit_code: 0,
             summary: format!(
@@ -628,6 +628,13 @@ mod tests {
             (Err(unreachable_err()), "not reachable"),
             (Err(timeout_err()), "timed out"),
             (Ok(Response::error(11, "not synced yet")), "not synced yet"),
+            (
+                Err(ClientError::Protocol {
+                    socket: "s".into(),
+                    detail: "garbage".into(),
+                }),
+                "garbage",
+            ),
         ] {
             let o = finish(&c, answer);
             assert_eq!(o.exit_code, 0);

@@ -451,4 +451,89 @@ mod tests {
         );
         assert!(Response::from_line("{}").is_err());
     }
+
+    /// The client's socket handling, against plain listeners (no agent logic: each answers
+    /// with fixed bytes or not at all).
+    mod client_sockets {
+        use super::*;
+        use std::io::{BufRead, BufReader, Write};
+        use std::os::unix::net::UnixListener;
+        use std::path::PathBuf;
+        use std::time::Instant;
+
+        fn sock(name: &str) -> PathBuf {
+            let dir = std::env::temp_dir()
+                .join(format!("sluice-cni-client-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            dir.join("agent.sock")
+        }
+
+        /// Accept one connection, read its line, hand it back, write `answer` (raw bytes).
+        fn serve_once(path: &Path, answer: &'static [u8]) -> std::thread::JoinHandle<String> {
+            let listener = UnixListener::bind(path).unwrap();
+            std::thread::spawn(move || {
+                let (stream, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                BufReader::new(&stream).read_line(&mut line).unwrap();
+                (&stream).write_all(answer).unwrap();
+                line
+            })
+        }
+
+        const T: Duration = Duration::from_secs(5);
+
+        #[test]
+        fn one_line_each_way() {
+            let path = sock("ok");
+            let server = serve_once(&path, b"{\"ok\":false,\"code\":3,\"error\":\"unknown\"}\n");
+            let r = client::call(&path, &Request::Status, T).unwrap();
+            assert_eq!(r, Response::error(3, "unknown"));
+            assert_eq!(server.join().unwrap(), "{\"op\":\"status\"}\n");
+            let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        }
+
+        #[test]
+        fn unreachable() {
+            let path = sock("gone");
+            let e = client::call(&path, &Request::Status, T).unwrap_err();
+            assert!(e.is_unreachable(), "{e}");
+            // a stale socket file: connection refused
+            drop(UnixListener::bind(&path).unwrap());
+            let e = client::call(&path, &Request::Status, T).unwrap_err();
+            assert!(e.is_unreachable(), "{e}");
+            assert!(e.to_string().contains("agent not reachable at"), "{e}");
+            let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        }
+
+        #[test]
+        fn timeout() {
+            let path = sock("silent");
+            let _listener = UnixListener::bind(&path).unwrap(); // never accepts, never answers
+            let start = Instant::now();
+            let e = client::call(&path, &Request::Status, Duration::from_millis(200)).unwrap_err();
+            assert!(e.is_timeout(), "{e}");
+            assert!(start.elapsed() < Duration::from_secs(3));
+            let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        }
+
+        #[test]
+        fn protocol_errors() {
+            for (name, answer, needle) in [
+                ("junk", &b"hello\n"[..], "bad protocol line"),
+                ("empty", &b""[..], "without answering"),
+                ("nocode", &b"{\"ok\":false}\n"[..], "without code or error"),
+            ] {
+                let path = sock(name);
+                let server = serve_once(&path, answer);
+                let e = client::call(&path, &Request::Status, T).unwrap_err();
+                assert!(
+                    matches!(e, ClientError::Protocol { .. }) && e.to_string().contains(needle),
+                    "{name}: {e}"
+                );
+                server.join().unwrap();
+                let _ = std::fs::remove_dir_all(path.parent().unwrap());
+            }
+        }
+    }
 }
