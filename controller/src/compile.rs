@@ -4,7 +4,9 @@
 //! node's isolated pods through verdict maps keyed by pod IP to a *group chain* (one per distinct
 //! set of selecting policies), which jumps to each *policy chain* and drops what none accepted.
 //! Peers are shared sets of IPs, ipBlocks interval sets, named ports `ip . port` sets. The
-//! per-packet cost is one map lookup plus the rules of the policies that select the pod.
+//! per-packet cost is one map lookup plus the rules of the policies that select the pod. Before
+//! its final drop a group chain counts the packet into the pod's own named counter through a
+//! counter map keyed by pod IP (`Ruleset::counters` says whose counter is whose).
 //!
 //! Names are deterministic (derived from content), so compiling the same index twice gives the
 //! same ruleset and a diff between two compilations touches only what changed.
