@@ -70,17 +70,16 @@ fn main() -> ExitCode {
         eprint!("{}", help());
     }
 
+    // The config comes on stdin; without a command there is nothing to read it for, and VERSION
+    // typed at a terminal should not wait for input.
     let mut stdin = Vec::new();
-    let stdin_result =
-        if env.command.as_deref() == Some("VERSION") && std::io::stdin().is_terminal() {
-            Ok(0)
-        } else {
-            std::io::stdin().read_to_end(&mut stdin)
-        };
-    if let Err(e) = stdin_result {
-        let version = FALLBACK_VERSION;
-        let err = CniError::new(codes::IO_FAILURE, "cannot read stdin", e.to_string());
-        return emit(&Outcome::failure(&err, version, "(read)"), None);
+    let skip = env.command.is_none()
+        || (env.command.as_deref() == Some("VERSION") && std::io::stdin().is_terminal());
+    if !skip {
+        if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+            let err = CniError::new(codes::IO_FAILURE, "cannot read stdin", e.to_string());
+            return emit(&Outcome::failure(&err, FALLBACK_VERSION, "(read)"), None);
+        }
     }
 
     match plugin::plan(&env, &stdin) {
