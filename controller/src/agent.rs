@@ -41,6 +41,8 @@ pub struct Config {
     /// The least time between the starts of two syncs: bounds the sync rate under a storm of
     /// changes (they coalesce into the next sync).
     pub min_sync_interval: Duration,
+    /// How often the kernel's per-pod drop counters are read into the metrics.
+    pub drop_counters_interval: Duration,
 }
 
 /// The sysctls that make bridged same-node traffic meet the forward hook.
@@ -211,12 +213,21 @@ async fn reconcile(
     let mut resync = tokio::time::interval(config.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is immediate
+    let mut drop_counters = tokio::time::interval(config.drop_counters_interval);
+    drop_counters.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drops = DropSeries::default();
     let mut last_start: Option<tokio::time::Instant> = None;
     loop {
         let mut full = false;
         tokio::select! {
             _ = cluster.changed.notified() => {}
             _ = resync.tick() => full = true,
+            _ = drop_counters.tick() => {
+                if let Some(state) = &table {
+                    drops.read(state.applied(), &metrics).await;
+                }
+                continue;
+            }
         }
         // Bound the rate: changes arriving meanwhile coalesce into this sync.
         if let Some(last) = last_start {
@@ -237,6 +248,8 @@ async fn reconcile(
             return;
         };
         if full {
+            // A whole-table replace recreates the counters at zero: read them first.
+            drops.read(state.applied(), &metrics).await;
             state.invalidate();
         }
         last_start = Some(tokio::time::Instant::now());
@@ -325,6 +338,59 @@ async fn reconcile(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+/// The per-pod drop counters in the metrics. Reading zeroes the kernel's counters (see
+/// `nft::take_counters`), so each read adds what was dropped since the previous one.
+#[derive(Default)]
+struct DropSeries {
+    /// The label sets exported so far, to remove those of pods that are gone.
+    exported: BTreeSet<crate::metrics::PodLabels>,
+}
+
+impl DropSeries {
+    async fn read(&mut self, applied: Option<&crate::compile::Ruleset>, metrics: &Metrics) {
+        let Some(applied) = applied else { return };
+        let owners = applied.counters.clone();
+        let read = tokio::task::spawn_blocking(|| crate::nft::take_counters(&Nft::default())).await;
+        let values = match read {
+            Ok(Ok(values)) => values,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not read the drop counters");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the drop counter task failed");
+                return;
+            }
+        };
+        let mut current = BTreeSet::new();
+        for value in values {
+            // A counter the applied ruleset does not name is being removed: nothing to export.
+            let Some(owner) = owners.get(&value.name) else {
+                continue;
+            };
+            let labels: crate::metrics::PodLabels = vec![
+                ("namespace", owner.namespace.clone()),
+                ("pod", owner.pod.clone()),
+                ("direction", owner.direction.as_str().to_string()),
+            ];
+            metrics
+                .dropped_packets
+                .get_or_create(&labels)
+                .inc_by(value.packets);
+            metrics
+                .dropped_bytes
+                .get_or_create(&labels)
+                .inc_by(value.bytes);
+            current.insert(labels);
+        }
+        for gone in self.exported.difference(&current) {
+            metrics.dropped_packets.remove(gone);
+            metrics.dropped_bytes.remove(gone);
+        }
+        self.exported = current;
     }
 }
 

@@ -100,6 +100,11 @@ struct AgentArgs {
     /// sync. A lone change after a quiet spell never waits for it. Units: ms, s, m, h.
     #[arg(long, env = "SLUICE_MIN_SYNC_INTERVAL", default_value = "50ms", value_parser = sluice::duration::parse)]
     min_sync_interval: std::time::Duration,
+    /// How often the per-pod drop counters are read from the kernel into
+    /// sluice_dropped_packets_total / sluice_dropped_bytes_total. Reading resets the kernel's
+    /// counters, so `nft list counters` by hand shows only what was dropped since the last read.
+    #[arg(long, env = "SLUICE_DROP_COUNTERS_INTERVAL", default_value = "10s", value_parser = sluice::duration::parse)]
+    drop_counters_interval: std::time::Duration,
     /// Remove `table inet sluice` from this network namespace and exit (uninstall): pods are
     /// no longer isolated afterwards.
     #[arg(long)]
@@ -131,6 +136,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         resync: args.resync,
         debounce: args.debounce,
         min_sync_interval: args.min_sync_interval,
+        drop_counters_interval: args.drop_counters_interval,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -8,6 +8,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, &'static str)>;
+/// `namespace`, `pod`, `direction`.
+pub type PodLabels = Vec<(&'static str, String)>;
 
 pub struct Metrics {
     registry: Registry,
@@ -34,6 +36,10 @@ pub struct Metrics {
     pub policies_with_errors: Gauge,
     /// 1 when the last sync failed (the table is as last applied; the next sync retries whole).
     pub last_sync_failed: Gauge,
+    /// Packets and bytes dropped per local pod and direction, from the kernel's per-pod drop
+    /// counters (read every `--drop-counters-interval` and before each whole-table replace).
+    pub dropped_packets: Family<PodLabels, Counter>,
+    pub dropped_bytes: Family<PodLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -116,6 +122,18 @@ impl Metrics {
             "1 when the last sync of the table failed (the agent is not ready until one succeeds)",
             last_sync_failed.clone(),
         );
+        let dropped_packets = Family::<PodLabels, Counter>::default();
+        registry.register(
+            "dropped_packets",
+            "Packets dropped by policy, per local pod and direction (new connections only)",
+            dropped_packets.clone(),
+        );
+        let dropped_bytes = Family::<PodLabels, Counter>::default();
+        registry.register(
+            "dropped_bytes",
+            "Bytes of the packets dropped by policy, per local pod and direction",
+            dropped_bytes.clone(),
+        );
         Self {
             registry,
             syncs,
@@ -130,6 +148,8 @@ impl Metrics {
             objects_skipped,
             policies_with_errors,
             last_sync_failed,
+            dropped_packets,
+            dropped_bytes,
         }
     }
 
