@@ -126,7 +126,7 @@ struct Size {
     /// Plain sets (peers, ipBlocks, named ports) and their elements.
     sets: usize,
     set_elements: usize,
-    /// Verdict maps (dispatch by local pod IP) and their elements.
+    /// Maps keyed by local pod IP (dispatch verdict maps, drop-counter maps) and their elements.
     maps: usize,
     map_elements: usize,
     chains: usize,
@@ -142,7 +142,7 @@ struct Size {
 fn size(rs: &Ruleset, with_text: bool) -> Size {
     let mut s = Size::default();
     for set in rs.sets.values() {
-        if matches!(set.kind, SetKind::Dispatch(_)) {
+        if matches!(set.kind, SetKind::Dispatch(_) | SetKind::DropCounters(_)) {
             s.maps += 1;
             s.map_elements += set.elements.len();
         } else {
