@@ -1,5 +1,6 @@
 //! The lab: scenario files (../shared/SCENARIOS.md) run against the real kernel in network namespaces.
 
+pub mod agent_bench;
 pub mod gen;
 pub mod matrix;
 pub mod netns;
