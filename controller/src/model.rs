@@ -745,12 +745,38 @@ fn valid_port_name(name: &str) -> bool {
         && !name.contains("--")
 }
 
+/// One pod network attachment as CNI names it: `(CNI_CONTAINERID, CNI_IFNAME)`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AttachmentKey {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// What the CNI plugin told the agent about a pod's attachment on this node, before the kubelet
+/// reports anything in the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub attachment: AttachmentKey,
+    pub pod: PodKey,
+    pub ips: Vec<IpAddr>,
+    /// Host side of the pod's veth pair.
+    pub host_veth: String,
+}
+
 /// The cluster index: everything policy decisions depend on, keyed for deterministic iteration.
+///
+/// Pods registered by the CNI plugin take their IPs from the latest registration: it is what the
+/// pod's interface really has on this node now, while the API reports IPs only later (and, after
+/// a sandbox restart, the old ones for a while). Without a registration the API's IPs count.
 #[derive(Clone, Debug, Default)]
 pub struct Index {
     pub namespaces: BTreeMap<String, NamespaceInfo>,
     pub pods: BTreeMap<PodKey, PodInfo>,
     pub policies: BTreeMap<PolicyKey, PolicyInfo>,
+    /// Live registrations per pod, oldest first.
+    registrations: BTreeMap<PodKey, Vec<Registration>>,
+    /// The API's IPs of registered pods (their `pods` entry holds the registered IPs).
+    api_ips: BTreeMap<PodKey, Vec<IpAddr>>,
 }
 
 impl Index {
@@ -769,7 +795,11 @@ impl Index {
     }
 
     /// Insert or replace; `false` when nothing policy looks at changed.
-    pub fn apply_pod(&mut self, pod: PodInfo) -> bool {
+    pub fn apply_pod(&mut self, mut pod: PodInfo) -> bool {
+        if let Some(ips) = self.registered_ips(&pod.key) {
+            self.api_ips
+                .insert(pod.key.clone(), std::mem::replace(&mut pod.ips, ips));
+        }
         if self.pods.get(&pod.key) == Some(&pod) {
             return false;
         }
@@ -779,6 +809,82 @@ impl Index {
 
     pub fn delete_pod(&mut self, key: &PodKey) {
         self.pods.remove(key);
+        self.api_ips.remove(key);
+    }
+
+    /// The IPs of the pod's latest registration, if it has one.
+    fn registered_ips(&self, key: &PodKey) -> Option<Vec<IpAddr>> {
+        self.registrations
+            .get(key)
+            .and_then(|regs| regs.last())
+            .map(|r| r.ips.clone())
+    }
+
+    /// The live registration of an attachment.
+    pub fn registration(&self, attachment: &AttachmentKey) -> Option<&Registration> {
+        self.registrations
+            .values()
+            .flatten()
+            .find(|r| &r.attachment == attachment)
+    }
+
+    /// Every live registration.
+    pub fn registrations(&self) -> impl Iterator<Item = &Registration> {
+        self.registrations.values().flatten()
+    }
+
+    /// Record a registration (replacing one for the same attachment); the pod, when indexed,
+    /// takes its IPs. Returns whether the index changed.
+    pub fn register(&mut self, registration: Registration) -> bool {
+        if self.registration(&registration.attachment) == Some(&registration) {
+            return false;
+        }
+        self.unregister(&registration.attachment);
+        let key = registration.pod.clone();
+        let regs = self.registrations.entry(key.clone()).or_default();
+        let first = regs.is_empty();
+        regs.push(registration);
+        if let Some(pod) = self.pods.get_mut(&key) {
+            let ips = self.registrations[&key].last().map(|r| r.ips.clone());
+            let ips = ips.unwrap_or_default();
+            let api = std::mem::replace(&mut pod.ips, ips);
+            if first {
+                self.api_ips.insert(key, api);
+            }
+        }
+        true
+    }
+
+    /// Forget an attachment (CNI DEL). The pod goes back to its other registration's IPs, or
+    /// to the API's. Returns whether it was known.
+    pub fn unregister(&mut self, attachment: &AttachmentKey) -> bool {
+        let Some(key) = self
+            .registrations()
+            .find(|r| &r.attachment == attachment)
+            .map(|r| r.pod.clone())
+        else {
+            return false;
+        };
+        let regs = self.registrations.entry(key.clone()).or_default();
+        regs.retain(|r| &r.attachment != attachment);
+        let remaining = regs.last().map(|r| r.ips.clone());
+        if regs.is_empty() {
+            self.registrations.remove(&key);
+        }
+        match remaining {
+            Some(ips) => {
+                if let Some(pod) = self.pods.get_mut(&key) {
+                    pod.ips = ips;
+                }
+            }
+            None => {
+                let api = self.api_ips.remove(&key);
+                if let Some(pod) = self.pods.get_mut(&key) {
+                    pod.ips = api.unwrap_or_default();
+                }
+            }
+        }
+        true
     }
 
     /// Insert or replace; `false` when nothing changed.
@@ -800,7 +906,11 @@ impl Index {
     }
 
     pub fn reset_pods(&mut self, all: impl IntoIterator<Item = PodInfo>) {
-        self.pods = all.into_iter().map(|p| (p.key.clone(), p)).collect();
+        self.pods.clear();
+        self.api_ips.clear();
+        for pod in all {
+            self.apply_pod(pod);
+        }
     }
 
     pub fn reset_policies(&mut self, all: impl IntoIterator<Item = PolicyInfo>) {
@@ -879,5 +989,77 @@ mod tests {
         let mut changed = policy;
         changed.key.name = "deny-2".into();
         assert!(index.apply_policy(changed));
+    }
+
+    fn registration(container: &str, pod: &str, ip: &str) -> super::Registration {
+        super::Registration {
+            attachment: super::AttachmentKey {
+                container_id: container.into(),
+                ifname: "eth0".into(),
+            },
+            pod: crate::testutil::key(pod),
+            ips: vec![ip.parse().expect("ip")],
+            host_veth: format!("veth{container}"),
+        }
+    }
+
+    fn ips_of(index: &super::Index, pod: &str) -> Vec<String> {
+        index.pods[&crate::testutil::key(pod)]
+            .ips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_registration_gives_a_pod_its_ips_before_the_api_does() {
+        let mut index = three_namespaces();
+        // Scheduled, no IP in the API yet.
+        assert!(index.apply_pod(mk_pod("x/new", "node-1", &[], &[("pod", "new")])));
+        assert!(index.register(registration("c1", "x/new", "10.244.1.50")));
+        assert_eq!(ips_of(&index, "x/new"), ["10.244.1.50"]);
+        assert!(
+            !index.register(registration("c1", "x/new", "10.244.1.50")),
+            "same again"
+        );
+        // The kubelet reports the same IP later: nothing changes.
+        assert!(!index.apply_pod(mk_pod(
+            "x/new",
+            "node-1",
+            &["10.244.1.50"],
+            &[("pod", "new")]
+        )));
+        // A relabel keeps the registered IP.
+        assert!(index.apply_pod(mk_pod("x/new", "node-1", &[], &[("pod", "other")])));
+        assert_eq!(ips_of(&index, "x/new"), ["10.244.1.50"]);
+        // DEL: back to what the API says (nothing, in the last update).
+        assert!(index.unregister(&registration("c1", "x/new", "10.244.1.50").attachment));
+        assert!(ips_of(&index, "x/new").is_empty());
+        assert!(!index.unregister(&registration("c1", "x/new", "10.244.1.50").attachment));
+    }
+
+    #[test]
+    fn the_latest_registration_wins_over_stale_api_ips() {
+        let mut index = three_namespaces();
+        index.apply_pod(mk_pod("x/web", "node-1", &["10.244.1.60"], &[]));
+        // A new sandbox gets a new IP while the API still shows the old one.
+        index.register(registration("c2", "x/web", "10.244.1.61"));
+        assert_eq!(ips_of(&index, "x/web"), ["10.244.1.61"]);
+        index.apply_pod(mk_pod("x/web", "node-1", &["10.244.1.60"], &[]));
+        assert_eq!(ips_of(&index, "x/web"), ["10.244.1.61"]);
+        // A registration before the pod is indexed applies when it arrives.
+        index.register(registration("c3", "y/late", "10.244.1.62"));
+        index.apply_pod(mk_pod("y/late", "node-1", &[], &[]));
+        assert_eq!(ips_of(&index, "y/late"), ["10.244.1.62"]);
+        // A relist (what the API says) keeps registrations.
+        index.reset_pods([
+            mk_pod("x/web", "node-1", &["10.244.1.60"], &[]),
+            mk_pod("y/late", "node-1", &[], &[]),
+        ]);
+        assert_eq!(ips_of(&index, "x/web"), ["10.244.1.61"]);
+        // Unregistering the new sandbox goes back to the API's IP.
+        index.unregister(&registration("c2", "x/web", "10.244.1.61").attachment);
+        assert_eq!(ips_of(&index, "x/web"), ["10.244.1.60"]);
+        assert_eq!(index.registrations().count(), 1);
     }
 }
