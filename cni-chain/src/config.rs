@@ -226,45 +226,15 @@ fn short(v: &Value) -> String {
     }
 }
 
-/// A Go-style duration (`10s`, `500ms`, `1m30s`, `1.5s`; units ns, us, µs, ms, s, m, h), as
-/// Kubernetes and flannel write them. Must be positive and at most an hour.
+/// A Go-style duration (`10s`, `500ms`, `1m30s`), at least 1ms and at most an hour.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("bad duration {text:?} (expected e.g. \"10s\" or \"500ms\")");
-    let mut rest = text;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    let mut nanos = 0f64;
-    while !rest.is_empty() {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let number: f64 = match &rest[..n] {
-            "" | "." => return Err(bad()),
-            s => s.parse().map_err(|_| bad())?,
-        };
-        rest = &rest[n..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..u] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return Err(bad()),
-        };
-        rest = &rest[u..];
-        nanos += number * scale;
-    }
-    if !(1e6..=3600e9).contains(&nanos) {
+    let d = crate::duration::parse(text)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(3600) {
         return Err(format!(
             "duration {text:?} out of range (at least 1ms, at most 1h)"
         ));
     }
-    Ok(Duration::from_nanos(nanos.round() as u64))
+    Ok(d)
 }
 
 #[cfg(test)]

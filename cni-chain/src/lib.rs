@@ -6,6 +6,7 @@
 
 pub mod cni;
 pub mod config;
+pub mod duration;
 pub mod plugin;
 pub mod prev_result;
 pub mod protocol;

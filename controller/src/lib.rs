@@ -7,7 +7,7 @@
 
 pub mod agent;
 pub mod compile;
-pub mod duration;
+pub use sluice_cni::duration;
 pub mod http;
 pub mod metrics;
 pub mod model;

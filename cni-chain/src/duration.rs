@@ -1,5 +1,6 @@
 //! Durations as people write them in flags and scenario files: Go style, like kubectl and
-//! Kubernetes manifests (`500ms`, `2s`, `1m30s`).
+//! Kubernetes manifests (`500ms`, `2s`, `1m30s`). It lives in this small crate so the plugin,
+//! the agent (`sluice::duration`) and the lab share one parser.
 
 use std::time::Duration;
 
