@@ -1,485 +1,77 @@
 //! The agent against a real control plane (`e2e/controlplane`: etcd + kube-apiserver), running
-//! as node `node-1` inside its own network namespace. Objects are created through the API (pod
-//! status patched as a kubelet would) and the table in that namespace is asserted.
+//! as node `node-1` inside its own network namespace with a token of `deploy/rbac.yaml`'s
+//! ServiceAccount (least privilege, checked by every test). Objects are created through the API
+//! (pod status patched as a kubelet would) or, when the API would refuse them, written straight
+//! into etcd; the table in that namespace, `/readyz`, `/metrics` and the agent's log are asserted.
 //!
 //! Root only; skipped with a message when not root or when the control plane cannot come up.
-//! Everything (control plane, network namespace, processes) is removed even when a test fails.
-//!
-//! The API server listens on the host's loopback, which a network namespace cannot reach, so
-//! the test relays it: a unix socket in the host namespace (files are not per-namespace) and a
-//! TCP listener on the node's loopback at the same port, run by this test binary re-executed
-//! inside the namespace (`netns_helper`). The kubeconfig then works unchanged.
+//! Each test has its own control plane, namespace and agents, all removed even when it fails.
 
-use std::io::{Read as _, Write as _};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const NODE: &str = "node-1";
-const AGENT_LISTEN: &str = "127.0.0.1:9763";
+use common::{block, canonical, chain, metric, table_in, Fixture, NODE};
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn unique(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("sluice-{tag}-{}-{nanos:x}", std::process::id())
-}
-
-/// A running control plane; `down` when dropped.
-struct ControlPlane {
-    dir: PathBuf,
-    kubeconfig: String,
-    path: String,
-}
-
-impl ControlPlane {
-    fn up() -> Result<ControlPlane, String> {
-        let dir = std::env::temp_dir().join(unique("cp"));
-        let script = repo_root().join("e2e/controlplane");
-        let mut cp = ControlPlane {
-            dir: dir.clone(),
-            kubeconfig: String::new(),
-            path: String::new(),
-        };
-        let out = Command::new(&script)
-            .arg("up")
-            .env("SLUICE_CP_DIR", &dir)
-            .output()
-            .map_err(|e| format!("{}: {e}", script.display()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "e2e/controlplane up failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let env = Command::new(&script)
-            .arg("env")
-            .env("SLUICE_CP_DIR", &dir)
-            .output()
-            .map_err(|e| format!("e2e/controlplane env: {e}"))?;
-        let text = String::from_utf8_lossy(&env.stdout).to_string();
-        let value = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("export {name}=")))
-                .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
-        };
-        let kubeconfig = value("KUBECONFIG").ok_or(format!("no KUBECONFIG in: {text}"))?;
-        let path = value("PATH").ok_or(format!("no PATH in: {text}"))?;
-        cp.kubeconfig = kubeconfig;
-        cp.path = path;
-        Ok(cp)
-    }
-
-    fn api_port(&self) -> u16 {
-        let text = std::fs::read_to_string(&self.kubeconfig).expect("kubeconfig");
-        let server = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("server: "))
-            .expect("server in kubeconfig");
-        server
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.trim_end_matches('/').parse().ok())
-            .expect("port in server URL")
-    }
-
-    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let mut child = Command::new("kubectl")
-            .args(args)
-            .env("PATH", &self.path)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kubectl");
-        {
-            let mut input = child.stdin.take().expect("stdin");
-            if let Some(s) = stdin {
-                input.write_all(s.as_bytes()).expect("kubectl stdin");
-            }
-        }
-        let out = child.wait_with_output().expect("kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-
-    fn apply(&self, yaml: &str) {
-        self.kubectl(&["apply", "-f", "-"], Some(yaml));
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = Command::new(repo_root().join("e2e/controlplane"))
-            .arg("down")
-            .env("SLUICE_CP_DIR", &self.dir)
-            .status();
-    }
-}
-
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        let name = unique("agent");
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "ip netns add {name}");
-        let ns = Netns(name);
-        let ok = ns
-            .exec(&["ip", "link", "set", "lo", "up"])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "lo up in {}", ns.0);
-        ns
-    }
-
-    fn exec(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(args);
-        c
-    }
-
-    /// `nft list table inet sluice` in the namespace ("" when there is none).
-    fn table(&self) -> String {
-        self.exec(&["nft", "list", "table", "inet", "sluice"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default()
-    }
-
-    /// The test binary itself, re-run inside the namespace as a helper.
-    fn helper(&self, mode: &str, envs: &[(&str, &str)]) -> Command {
-        let exe = std::env::current_exe().expect("test binary");
-        let exe = exe.to_string_lossy().to_string();
-        let mut c = self.exec(&[&exe, "netns_helper", "--exact", "--ignored", "--nocapture"]);
-        c.env("SLUICE_TEST_HELPER", mode);
-        for (k, v) in envs {
-            c.env(k, v);
-        }
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// A child process killed (by its own pid) when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn pipe(mut from: impl std::io::Read, mut to: impl std::io::Write + ShutdownWrite) {
-    let _ = std::io::copy(&mut from, &mut to);
-    to.shutdown_write();
-}
-
-trait ShutdownWrite {
-    fn shutdown_write(&self);
-}
-
-impl ShutdownWrite for TcpStream {
-    fn shutdown_write(&self) {
-        let _ = self.shutdown(Shutdown::Write);
-    }
-}
-
-impl ShutdownWrite for UnixStream {
-    fn shutdown_write(&self) {
-        let _ = self.shutdown(Shutdown::Write);
-    }
-}
-
-/// Host side of the relay: unix socket -> the API server on the host's loopback.
-fn relay_unix_to_tcp(listener: UnixListener, port: u16) {
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(unix) = conn else { break };
-            let Ok(tcp) = TcpStream::connect(("127.0.0.1", port)) else {
-                continue;
-            };
-            let (Ok(unix2), Ok(tcp2)) = (unix.try_clone(), tcp.try_clone()) else {
-                continue;
-            };
-            std::thread::spawn(move || pipe(unix, tcp));
-            std::thread::spawn(move || pipe(tcp2, unix2));
-        }
-    });
-}
-
-/// Runs only when re-executed by the test inside a network namespace.
+/// Runs only when re-executed by a test inside a network namespace (see `common`).
 #[test]
-#[ignore = "helper: run by agent_programs_the_node_from_the_api_server inside the node's netns"]
+#[ignore = "helper: run by the tests inside the node's netns"]
 fn netns_helper() {
-    match std::env::var("SLUICE_TEST_HELPER").as_deref() {
-        // The node side of the relay: TCP on the node's loopback -> the host's unix socket.
-        Ok("relay") => {
-            let listen = std::env::var("SLUICE_TEST_LISTEN").expect("listen");
-            let socket = std::env::var("SLUICE_TEST_SOCKET").expect("socket");
-            let listener = TcpListener::bind(&listen).expect("bind relay");
-            for conn in listener.incoming() {
-                let Ok(tcp) = conn else { break };
-                let Ok(unix) = UnixStream::connect(&socket) else {
-                    continue;
-                };
-                let (Ok(unix2), Ok(tcp2)) = (unix.try_clone(), tcp.try_clone()) else {
-                    continue;
-                };
-                std::thread::spawn(move || pipe(tcp, unix));
-                std::thread::spawn(move || pipe(unix2, tcp2));
-            }
-        }
-        // One HTTP GET; prints the status code, then the body.
-        Ok("get") => {
-            let addr = std::env::var("SLUICE_TEST_ADDR").expect("addr");
-            let path = std::env::var("SLUICE_TEST_PATH").expect("path");
-            let text = TcpStream::connect(&addr)
-                .and_then(|mut s| {
-                    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-                    let mut text = String::new();
-                    s.read_to_string(&mut text)?;
-                    Ok(text)
-                })
-                .unwrap_or_default();
-            let status = text.split_whitespace().nth(1).unwrap_or("none");
-            println!("HELPER-STATUS {status}");
-            let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-            for line in body.lines() {
-                println!("HELPER-BODY {line}");
-            }
-        }
-        _ => {}
-    }
+    common::helper_main();
 }
 
-fn http_status(ns: &Netns, path: &str) -> String {
-    http_get(ns, path).0
+fn in_ingress_map(table: &str, ip: &str) -> bool {
+    block(table, "map ingress_v4").contains(ip)
 }
 
-/// Status code and body of a GET to the agent, from inside the node's namespace.
-fn http_get(ns: &Netns, path: &str) -> (String, String) {
-    let out = ns
-        .helper(
-            "get",
-            &[
-                ("SLUICE_TEST_ADDR", AGENT_LISTEN),
-                ("SLUICE_TEST_PATH", path),
-            ],
-        )
-        .output()
-        .expect("helper");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let status = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("HELPER-STATUS "))
-        .unwrap_or("none")
-        .to_string();
-    let body: Vec<&str> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("HELPER-BODY "))
-        .collect();
-    (status, body.join("\n"))
-}
-
-/// The elements of a map or set block in `nft list` output ("" when absent).
-fn block<'a>(table: &'a str, header: &str) -> &'a str {
-    let Some(start) = table.find(header) else {
-        return "";
-    };
-    let rest = &table[start..];
-    let end = rest.find("\n\t}").unwrap_or(rest.len());
-    &rest[..end]
-}
-
-fn wait_for(what: &str, ns: &Netns, agent_log: &Path, cond: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let table = ns.table();
-        if cond(&table) {
-            return;
-        }
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(agent_log).unwrap_or_default();
-            panic!("timed out waiting for: {what}\n--- table:\n{table}\n--- agent log:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn pod(ns: &str, name: &str, role: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{namespace: {ns}, name: {name}, labels: {{role: {role}}}}}
-spec:
-  nodeName: {NODE}
-  containers:
-  - name: c
-    image: example.invalid/server
-    ports: [{{name: http, containerPort: 8080}}]
-"
-    )
+/// The lines of the log that contain every one of `words`.
+fn log_lines<'a>(log: &'a str, words: &[&str]) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .collect()
 }
 
 #[test]
 fn agent_programs_the_node_from_the_api_server() {
-    if !is_root() {
-        eprintln!("skipped: needs root (network namespaces, nft)");
-        return;
-    }
-    let cp = match ControlPlane::up() {
-        Ok(cp) => cp,
-        Err(e) => {
-            eprintln!("skipped: the control plane did not come up: {e}");
-            return;
-        }
-    };
-    let ns = Netns::new();
-
-    // Relay the API server into the node's namespace.
-    let port = cp.api_port();
-    let socket = cp.dir.join("api.sock");
-    let listener = UnixListener::bind(&socket).expect("unix socket");
-    relay_unix_to_tcp(listener, port);
-    let listen = format!("127.0.0.1:{port}");
-    let socket_text = socket.to_string_lossy().to_string();
-    let _relay = Process(
-        ns.helper(
-            "relay",
-            &[
-                ("SLUICE_TEST_LISTEN", &listen),
-                ("SLUICE_TEST_SOCKET", &socket_text),
-            ],
-        )
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("relay"),
-    );
+    let Some(fx) = Fixture::new() else { return };
+    let cp = &fx.cp;
 
     // Objects first, so the agent's initial lists already hold them.
-    cp.apply(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {team: a}}\n---\n\
-         apiVersion: v1\nkind: ServiceAccount\nmetadata: {namespace: x, name: default}\n",
-    );
-    cp.apply(&pod("x", "a", "db"));
-    cp.apply(&pod("x", "b", "db"));
-    for (name, ip) in [("a", "10.244.1.2"), ("b", "10.244.1.3")] {
-        let status = format!(
-            r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#
-        );
-        cp.kubectl(
-            &[
-                "-n",
-                "x",
-                "patch",
-                "pod",
-                name,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &status,
-            ],
-            None,
-        );
-    }
+    cp.namespace("x", "team: a");
+    cp.pod("x", "a", "db", NODE, "10.244.1.2");
+    cp.pod("x", "b", "db", NODE, "10.244.1.3");
 
-    let agent_log = cp.dir.join("agent.log");
-    let log = std::fs::File::create(&agent_log).expect("agent log");
-    let log2 = log.try_clone().expect("agent log");
-    let mut agent = Process(
-        ns.exec(&[
-            env!("CARGO_BIN_EXE_sluice"),
-            "agent",
-            "--kubeconfig",
-            &cp.kubeconfig,
-            "--listen",
-            AGENT_LISTEN,
-            "--debounce",
-            "10ms",
-            "--resync",
-            "2s",
-        ])
-        .env("NODE_NAME", NODE)
-        .env(
-            "RUST_LOG",
-            "debug,hyper=info,tower=info,rustls=info,kube=info",
-        )
-        .stdout(log)
-        .stderr(log2)
-        .spawn()
-        .expect("agent"),
-    );
+    let mut agent = fx.start_agent("agent");
 
     // A policy isolating the db pods for ingress, allowing nothing.
-    cp.apply(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-         metadata: {namespace: x, name: deny-db}\n\
-         spec: {podSelector: {matchLabels: {role: db}}, policyTypes: [Ingress]}\n",
-    );
-    wait_for(
+    cp.deny_ingress("x", "deny-db", "db");
+    fx.wait_for(
         "the policy chain and both pods in ingress_v4",
-        &ns,
-        &agent_log,
+        &agent,
         |t| {
-            let map = block(t, "map ingress_v4");
             t.contains("chain in.x.deny-db")
-                && map.contains("10.244.1.2")
-                && map.contains("10.244.1.3")
+                && in_ingress_map(t, "10.244.1.2")
+                && in_ingress_map(t, "10.244.1.3")
         },
     );
 
     // Ready once the lists are in and the first sync applied.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut status = http_status(&ns, "/readyz");
-    while status != "200" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        status = http_status(&ns, "/readyz");
-    }
-    assert_eq!(status, "200", "/readyz");
-    let (status, metrics) = http_get(&ns, "/metrics");
-    assert_eq!(status, "200", "/metrics");
+    fx.wait_ready(&agent);
+    let metrics = fx.metrics();
     // Both pods are isolated for ingress, and at least one sync has been applied.
-    assert!(
-        metrics.contains("sluice_isolated_pods{direction=\"ingress\"} 2"),
+    assert_eq!(
+        metric(
+            &metrics,
+            "sluice_isolated_pods",
+            &[("direction", "ingress")]
+        ),
+        Some(2.0),
         "{metrics}"
     );
     assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("sluice_syncs_total{") && l.contains("result=\"ok\"")),
+        metric(&metrics, "sluice_syncs_total", &[("result", "ok")]).unwrap_or(0.0) >= 1.0,
         "{metrics}"
     );
 
@@ -488,61 +80,40 @@ fn agent_programs_the_node_from_the_api_server() {
         &["-n", "x", "label", "pod", "b", "role=web", "--overwrite"],
         None,
     );
-    wait_for("b's IP out of ingress_v4", &ns, &agent_log, |t| {
-        let map = block(t, "map ingress_v4");
-        map.contains("10.244.1.2") && !map.contains("10.244.1.3")
+    fx.wait_for("b's IP out of ingress_v4", &agent, |t| {
+        in_ingress_map(t, "10.244.1.2") && !in_ingress_map(t, "10.244.1.3")
     });
 
     // Drift: someone deletes the table; the next resync (2 s here) restores it whole.
-    let ok = ns
+    let ok = fx
+        .ns
         .exec(&["nft", "delete", "table", "inet", "sluice"])
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "nft delete table");
-    wait_for("the table restored by the resync", &ns, &agent_log, |t| {
-        let map = block(t, "map ingress_v4");
+    fx.wait_for("the table restored by the resync", &agent, |t| {
         t.contains("chain in.x.deny-db")
-            && map.contains("10.244.1.2")
-            && !map.contains("10.244.1.3")
+            && in_ingress_map(t, "10.244.1.2")
+            && !in_ingress_map(t, "10.244.1.3")
     });
 
     // A namespace relabel moves a remote pod's IP out of a namespaceSelector peer set.
-    cp.apply(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: clients, labels: {team: b}}\n---\n\
-         apiVersion: v1\nkind: ServiceAccount\nmetadata: {namespace: clients, name: default}\n",
-    );
-    cp.apply(&pod("clients", "c", "client").replace(NODE, "node-2"));
-    cp.kubectl(
-        &[
-            "-n",
-            "clients",
-            "patch",
-            "pod",
-            "c",
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            r#"{"status":{"phase":"Running","podIP":"10.244.2.2","podIPs":[{"ip":"10.244.2.2"}]}}"#,
-        ],
-        None,
-    );
+    cp.namespace("clients", "team: b");
+    cp.pod("clients", "c", "client", "node-2", "10.244.2.2");
     cp.apply(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
          metadata: {namespace: x, name: allow-from-b}\n\
          spec: {podSelector: {matchLabels: {role: db}}, policyTypes: [Ingress],\n\
          ingress: [{from: [{namespaceSelector: {matchLabels: {team: b}}}]}]}\n",
     );
-    wait_for(
-        "c's IP in the allow-from-b peer set",
-        &ns,
-        &agent_log,
-        |t| t.contains("chain in.x.allow-from-b") && t.contains("10.244.2.2"),
-    );
+    fx.wait_for("c's IP in the allow-from-b peer set", &agent, |t| {
+        t.contains("chain in.x.allow-from-b") && t.contains("10.244.2.2")
+    });
     cp.kubectl(
         &["label", "namespace", "clients", "team=c", "--overwrite"],
         None,
     );
-    wait_for("c's IP out of the peer set", &ns, &agent_log, |t| {
+    fx.wait_for("c's IP out of the peer set", &agent, |t| {
         t.contains("chain in.x.allow-from-b") && !t.contains("10.244.2.2")
     });
 
@@ -552,7 +123,7 @@ fn agent_programs_the_node_from_the_api_server() {
         None,
     );
     cp.kubectl(&["-n", "x", "delete", "networkpolicy", "deny-db"], None);
-    wait_for("the policy chains gone", &ns, &agent_log, |t| {
+    fx.wait_for("the policy chains gone", &agent, |t| {
         !t.is_empty()
             && !t.contains("chain in.x.deny-db")
             && !t.contains("chain in.x.allow-from-b")
@@ -560,21 +131,352 @@ fn agent_programs_the_node_from_the_api_server() {
     });
 
     // SIGTERM: the agent exits and the rules stay.
-    let ok = Command::new("kill")
-        .args(["-TERM", &agent.0.id().to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -TERM agent");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent.0.try_wait().ok().flatten().is_none() {
+    agent.terminate();
+    assert!(
+        fx.table().contains("chain ingress"),
+        "the table must stay after SIGTERM"
+    );
+}
+
+/// A Pod as etcd holds it (JSON; the API server reads JSON and protobuf alike), no
+/// resourceVersion (etcd's revision is the version).
+fn stored_pod(ns: &str, name: &str, role: &str, ip: &str, uid: u32) -> String {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "namespace": ns,
+            "name": name,
+            "uid": format!("00000000-0000-4000-8000-{uid:012x}"),
+            "creationTimestamp": "2020-01-01T00:00:00Z",
+            "labels": {"role": role},
+        },
+        "spec": {
+            "nodeName": NODE,
+            "containers": [{"name": "c", "image": "example.invalid/server"}],
+        },
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+    .to_string()
+}
+
+#[test]
+fn agent_skips_and_reports_invalid_objects_from_storage() {
+    let Some(fx) = Fixture::new() else { return };
+    let cp = &fx.cp;
+
+    cp.namespace("legacy", "team: a");
+    cp.pod("legacy", "good", "db", NODE, "10.244.1.20");
+    cp.pod("legacy", "web", "web", NODE, "10.244.1.21");
+    cp.deny_ingress("legacy", "deny-db", "db");
+    // Written before validation tightened (so: straight into etcd): a db pod whose IP has a
+    // leading zero, and a policy, the only one selecting web, whose ipBlock cidr has one.
+    cp.etcd_put(
+        "/registry/pods/legacy/broken",
+        &stored_pod("legacy", "broken", "db", "010.244.1.9", 1),
+    );
+    let policy = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "namespace": "legacy",
+            "name": "bad-cidr",
+            "uid": "00000000-0000-4000-8000-000000000002",
+            "creationTimestamp": "2020-01-01T00:00:00Z",
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {"role": "web"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"ipBlock": {"cidr": "010.0.0.0/24"}}]}],
+        },
+    });
+    cp.etcd_put(
+        "/registry/networkpolicies/legacy/bad-cidr",
+        &policy.to_string(),
+    );
+    // The API server serves both as stored.
+    let get = |kind: &str, name: &str, path: &str| {
+        cp.kubectl(
+            &[
+                "-n",
+                "legacy",
+                "get",
+                kind,
+                name,
+                "-o",
+                &format!("jsonpath={path}"),
+            ],
+            None,
+        )
+    };
+    assert_eq!(
+        get("pod", "broken", "{.status.podIPs[0].ip}"),
+        "010.244.1.9"
+    );
+    assert_eq!(
+        get(
+            "networkpolicy",
+            "bad-cidr",
+            "{.spec.ingress[0].from[0].ipBlock.cidr}"
+        ),
+        "010.0.0.0/24"
+    );
+
+    let mut agent = fx.start_agent("agent");
+    fx.wait_for("good isolated by deny-db, web by bad-cidr", &agent, |t| {
+        t.contains("chain in.legacy.deny-db")
+            && t.contains("chain in.legacy.bad-cidr")
+            && in_ingress_map(t, "10.244.1.20")
+            && in_ingress_map(t, "10.244.1.21")
+    });
+    fx.wait_ready(&agent);
+    let table = fx.table();
+    // The bad pod is nowhere, neither as written nor read the octal way (8.244.1.9).
+    assert!(
+        !table.contains("10.244.1.9") && !table.contains("8.244.1.9"),
+        "the broken pod's IP must not be in the table:\n{table}"
+    );
+    // Fail closed: the broken peer allows nothing (the policy's chain accepts nothing and its
+    // cidr is in no set), while the policy still isolates web (above: web in ingress_v4).
+    let bad_chain = chain(&table, "in.legacy.bad-cidr");
+    assert!(
+        !bad_chain.is_empty() && !bad_chain.contains("accept"),
+        "the broken rule must allow nothing:\n{table}"
+    );
+    assert!(
+        !table.contains("10.0.0.0") && !table.contains("8.0.0.0"),
+        "the broken cidr must not be in the table:\n{table}"
+    );
+
+    // Reported: the log names each object and the field.
+    let log = agent.log_text();
+    assert!(
+        !log_lines(&log, &["legacy/broken", "status.podIPs[0].ip"]).is_empty(),
+        "the log must name the broken pod and its field:\n{log}"
+    );
+    assert!(
+        !log_lines(
+            &log,
+            &["legacy/bad-cidr", "spec.ingress[0].from[0].ipBlock.cidr"]
+        )
+        .is_empty(),
+        "the log must name the broken policy and its field:\n{log}"
+    );
+    let metrics = fx.metrics();
+    assert!(
+        metric(
+            &metrics,
+            "sluice_objects_skipped_total",
+            &[("resource", "pods")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "sluice_objects_skipped_total{{resource=\"pods\"}}:\n{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "sluice_policies_with_errors", &[]),
+        Some(1.0),
+        "sluice_policies_with_errors:\n{metrics}"
+    );
+
+    // A watched pod that turns bad in storage is dropped: its last good IP leaves the table.
+    cp.pod("legacy", "later", "db", NODE, "10.244.1.22");
+    fx.wait_for("later in ingress_v4", &agent, |t| {
+        in_ingress_map(t, "10.244.1.22")
+    });
+    let mut later: serde_json::Value = serde_json::from_str(
+        &cp.kubectl(&["-n", "legacy", "get", "pod", "later", "-o", "json"], None),
+    )
+    .expect("pod JSON");
+    later["status"]["podIP"] = "010.244.1.22".into();
+    later["status"]["podIPs"] = serde_json::json!([{"ip": "010.244.1.22"}]);
+    if let Some(meta) = later["metadata"].as_object_mut() {
+        meta.remove("resourceVersion");
+    }
+    cp.etcd_put("/registry/pods/legacy/later", &later.to_string());
+    fx.wait_for("later out of the table, good still in", &agent, |t| {
+        !t.contains("10.244.1.22") && in_ingress_map(t, "10.244.1.20")
+    });
+    let log = agent.log_text();
+    assert!(
+        !log_lines(&log, &["legacy/later", "status.podIPs[0].ip"]).is_empty(),
+        "the log must name the pod that turned bad:\n{log}"
+    );
+    let metrics = fx.metrics();
+    assert!(
+        metric(
+            &metrics,
+            "sluice_objects_skipped_total",
+            &[("resource", "pods")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{metrics}"
+    );
+    assert!(agent.is_running(), "the agent must keep running");
+    assert_eq!(fx.http_get("/readyz").0, "200");
+}
+
+#[test]
+fn agent_keeps_the_rules_through_an_api_outage() {
+    let Some(fx) = Fixture::new() else { return };
+    let cp = &fx.cp;
+
+    cp.namespace("o", "team: a");
+    cp.pod("o", "a", "db", NODE, "10.244.1.30");
+    cp.pod("o", "b", "db", NODE, "10.244.1.31");
+    cp.deny_ingress("o", "deny-db", "db");
+    let mut agent = fx.start_agent("agent");
+    fx.wait_for("both pods isolated", &agent, |t| {
+        t.contains("chain in.o.deny-db")
+            && in_ingress_map(t, "10.244.1.30")
+            && in_ingress_map(t, "10.244.1.31")
+    });
+    fx.wait_ready(&agent);
+    let before = canonical(&fx.table());
+    let metrics = fx.metrics();
+    let full_syncs = |m: &str| {
+        metric(
+            m,
+            "sluice_syncs_total",
+            &[("kind", "full"), ("result", "ok")],
+        )
+        .unwrap_or(0.0)
+    };
+    let restarts = |m: &str, resource: &str| {
+        metric(m, "sluice_watch_restarts_total", &[("resource", resource)]).unwrap_or(0.0)
+    };
+    let restarts_before: Vec<f64> = ["pods", "namespaces", "networkpolicies"]
+        .iter()
+        .map(|r| restarts(&metrics, r))
+        .collect();
+
+    // The outage: every read of the table is what it was and the agent lives, until every watch
+    // has failed and two resyncs have replaced the table whole, without the API, while we read.
+    cp.apiserver_stop();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut full_at_first_read = None;
+    loop {
+        assert!(
+            agent.is_running(),
+            "the agent died during the outage:\n{}",
+            agent.log_text()
+        );
+        let now = canonical(&fx.table());
+        assert!(
+            now == before,
+            "the table changed during the outage\n--- before:\n{before}\n--- now:\n{now}"
+        );
+        let metrics = fx.metrics();
+        let full = full_syncs(&metrics);
+        let full_at_first_read = *full_at_first_read.get_or_insert(full);
+        let noticed = ["pods", "namespaces", "networkpolicies"]
+            .iter()
+            .zip(&restarts_before)
+            .all(|(r, before)| restarts(&metrics, r) > *before);
+        if noticed && full >= full_at_first_read + 2.0 {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "the agent did not exit on SIGTERM"
+            "the agent did not notice the outage (watch restarts) or no resync ran:\n{metrics}\n--- agent log:\n{}",
+            agent.log_text()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(200));
     }
+
+    // Back: a change made now converges (after the watches' backoff).
+    cp.apiserver_start();
+    cp.kubectl(
+        &["-n", "o", "label", "pod", "b", "role=web", "--overwrite"],
+        None,
+    );
+    fx.wait_for_within(
+        Duration::from_secs(60),
+        "b's IP out of ingress_v4 after the outage",
+        &agent,
+        |t| in_ingress_map(t, "10.244.1.30") && !in_ingress_map(t, "10.244.1.31"),
+    );
+    assert!(agent.is_running(), "the agent must keep running");
+    fx.wait_ready(&agent);
+}
+
+#[test]
+fn agent_restart_leaves_no_gap_in_the_rules() {
+    let Some(fx) = Fixture::new() else { return };
+    let cp = &fx.cp;
+
+    cp.namespace("r", "team: a");
+    cp.pod("r", "a", "db", NODE, "10.244.1.40");
+    cp.pod("r", "b", "db", NODE, "10.244.1.41");
+    cp.deny_ingress("r", "deny-db", "db");
+    let mut first = fx.start_agent("agent-1");
+    let enforced = |t: &str| {
+        t.contains("chain in.r.deny-db")
+            && in_ingress_map(t, "10.244.1.40")
+            && in_ingress_map(t, "10.244.1.41")
+    };
+    fx.wait_for("both pods isolated", &first, enforced);
+    fx.wait_ready(&first);
+
+    // From here on, every read of the table must show the policy and both pods.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let poller = std::thread::spawn({
+        let stop = stop.clone();
+        let reads = reads.clone();
+        let netns = fx.ns.name().to_string();
+        move || {
+            let mut bad = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                let table = table_in(&netns);
+                reads.fetch_add(1, Ordering::AcqRel);
+                if !enforced(&table) {
+                    bad.push(table);
+                }
+            }
+            bad
+        }
+    });
+
+    first.terminate();
+    let reads_at_restart = reads.load(Ordering::Acquire);
+    let second = fx.start_agent("agent-2");
+    fx.wait_ready(&second);
+    // ... and until one resync after that (the first sync is full too, so two).
+    fx.wait_metrics("a resync after the first sync", &second, |m| {
+        metric(
+            m,
+            "sluice_syncs_total",
+            &[("kind", "full"), ("result", "ok")],
+        )
+        .unwrap_or(0.0)
+            >= 2.0
+    });
+    stop.store(true, Ordering::Release);
+    let bad = poller.join().expect("poller");
+    let total = reads.load(Ordering::Acquire);
     assert!(
-        ns.table().contains("chain ingress"),
-        "the table must stay after SIGTERM"
+        bad.is_empty(),
+        "{} of {total} reads of the table lacked the policy or a pod; the first:\n{}\n--- old agent log:\n{}\n--- new agent log:\n{}",
+        bad.len(),
+        bad[0],
+        first.log_text(),
+        second.log_text()
+    );
+    assert!(
+        total > reads_at_restart,
+        "the table was not read while the new agent started"
+    );
+
+    // The new agent's first sync replaced the table whole (not a diff against nothing).
+    let log = second.log_text();
+    let first_sync = log
+        .lines()
+        .find(|l| l.contains("synced"))
+        .unwrap_or_else(|| panic!("no sync in the new agent's log:\n{log}"));
+    assert!(
+        first_sync.contains("kind=\"full\""),
+        "the new agent's first sync must be full: {first_sync}"
     );
 }
