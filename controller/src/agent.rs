@@ -29,6 +29,8 @@ pub enum AgentError {
     Signal(#[source] std::io::Error),
     #[error("could not remove the table: {0}")]
     Cleanup(#[source] NftError),
+    #[error(transparent)]
+    CniSocket(#[from] crate::cni_server::CniSocketError),
 }
 
 #[derive(Clone, Debug)]
@@ -43,6 +45,10 @@ pub struct Config {
     pub min_sync_interval: Duration,
     /// How often the kernel's per-pod drop counters are read into the metrics.
     pub drop_counters_interval: Duration,
+    /// The unix socket the CNI plugin registers pods on (`None`: no start gate).
+    pub cni_socket: Option<std::path::PathBuf>,
+    /// A CNI registration whose Pod never appears in the API is dropped after this long.
+    pub cni_orphan_ttl: Duration,
 }
 
 /// The sysctls that make bridged same-node traffic meet the forward hook.
@@ -179,6 +185,19 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         health.clone(),
         metrics.clone(),
     ));
+    let mut cni_tasks = Vec::new();
+    if let Some(path) = &config.cni_socket {
+        let socket = crate::cni_server::bind(path)?;
+        tracing::info!(socket = %path.display(), "CNI start gate listening");
+        let server = crate::cni_server::Server::new(
+            cluster.clone(),
+            health.clone(),
+            metrics.clone(),
+            config.cni_orphan_ttl,
+        );
+        cni_tasks.push(tokio::spawn(server.clone().serve(socket)));
+        cni_tasks.push(tokio::spawn(server.sweep_orphans()));
+    }
     let watches = tokio::spawn(watch::run(client, cluster.clone(), metrics.clone()));
     let reconcile = tokio::spawn(reconcile(config, cluster, health, metrics));
 
@@ -189,6 +208,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     http.abort();
     watches.abort();
     reconcile.abort();
+    for task in cni_tasks {
+        task.abort();
+    }
     Ok(())
 }
 
@@ -255,6 +277,7 @@ async fn reconcile(
         last_start = Some(tokio::time::Instant::now());
         // Every change that arrived before this point is in the index this sync compiles.
         let pending = cluster.take_pending();
+        let generation = cluster.generation();
 
         let started = Instant::now();
         let compiled = compile_and_measure(&cluster, &config.node, &metrics);
@@ -313,6 +336,7 @@ async fn reconcile(
                 }
                 health.set_sync_error(None);
                 health.synced.store(true, Ordering::Release);
+                cluster.mark_applied(generation);
                 tracing::debug!(
                     kind,
                     commands = applied.commands,

@@ -6,6 +6,7 @@
 //! the index), [`agent`] (the reconcile loop), [`http`] and [`metrics`].
 
 pub mod agent;
+pub mod cni_server;
 pub mod compile;
 pub use sluice_cni::duration;
 pub mod http;

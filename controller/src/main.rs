@@ -105,6 +105,14 @@ struct AgentArgs {
     /// counters, so `nft list counters` by hand shows only what was dropped since the last read.
     #[arg(long, env = "SLUICE_DROP_COUNTERS_INTERVAL", default_value = "10s", value_parser = sluice::duration::parse)]
     drop_counters_interval: std::time::Duration,
+    /// Unix socket for the sluice-cni plugin: it registers each new pod's IPs here and waits
+    /// until the pod's rules are in the kernel (the start gate). Only root may connect. An
+    /// empty value turns the gate off (the plugin then fails or proceeds per its failMode).
+    #[arg(long, env = "SLUICE_CNI_SOCKET", default_value = sluice_cni::protocol::DEFAULT_SOCKET)]
+    cni_socket: String,
+    /// A CNI registration whose Pod never appears in the API is dropped after this long.
+    #[arg(long, env = "SLUICE_CNI_ORPHAN_TTL", default_value = "2m", value_parser = sluice::duration::parse)]
+    cni_orphan_ttl: std::time::Duration,
     /// Remove `table inet sluice` from this network namespace and exit (uninstall): pods are
     /// no longer isolated afterwards.
     #[arg(long)]
@@ -137,6 +145,10 @@ fn agent(args: AgentArgs) -> Result<ExitCode, String> {
         debounce: args.debounce,
         min_sync_interval: args.min_sync_interval,
         drop_counters_interval: args.drop_counters_interval,
+        cni_socket: Some(args.cni_socket)
+            .filter(|s| !s.is_empty())
+            .map(std::path::PathBuf::from),
+        cni_orphan_ttl: args.cni_orphan_ttl,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

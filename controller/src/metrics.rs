@@ -40,6 +40,11 @@ pub struct Metrics {
     /// counters (read every `--drop-counters-interval` and before each whole-table replace).
     pub dropped_packets: Family<PodLabels, Counter>,
     pub dropped_bytes: Family<PodLabels, Counter>,
+    /// `op`: add | del | check | status | gc; `result`: ok | error.
+    pub cni_requests: Family<Labels, Counter>,
+    /// From a CNI ADD's arrival to its answer when the pod's rules are in the kernel: how long
+    /// sluice holds a pod's start.
+    pub cni_add_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -134,6 +139,18 @@ impl Metrics {
             "Bytes of the packets dropped by policy, per local pod and direction",
             dropped_bytes.clone(),
         );
+        let cni_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "cni_requests",
+            "Requests from the sluice-cni plugin, by op and result",
+            cni_requests.clone(),
+        );
+        let cni_add_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "cni_add_seconds",
+            "Time a CNI ADD waited for the pod's rules to be committed (successful ADDs)",
+            cni_add_seconds.clone(),
+        );
         Self {
             registry,
             syncs,
@@ -150,6 +167,8 @@ impl Metrics {
             last_sync_failed,
             dropped_packets,
             dropped_bytes,
+            cni_requests,
+            cni_add_seconds,
         }
     }
 

@@ -4,6 +4,7 @@
 //! name, and never stops the watch. Watch errors are retried with backoff, so an API outage only
 //! pauses updates: the rules last applied stay in the kernel.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -45,7 +46,6 @@ impl Kind {
 }
 
 /// What the watches know of the cluster, shared with the reconcile loop.
-#[derive(Default)]
 pub struct Cluster {
     index: Mutex<Index>,
     /// Which watches have delivered their initial list.
@@ -54,6 +54,23 @@ pub struct Cluster {
     pub changed: Notify,
     /// When the oldest change not yet applied arrived (for the programming latency).
     pending_since: Mutex<Option<Instant>>,
+    /// Counts changes: every change to the index is in the kernel once `applied` reaches the
+    /// generation `touch` returned for it.
+    generation: AtomicU64,
+    applied: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            index: Mutex::default(),
+            listed: Mutex::default(),
+            changed: Notify::new(),
+            pending_since: Mutex::default(),
+            generation: AtomicU64::new(0),
+            applied: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Cluster {
@@ -90,10 +107,42 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Record a change to the index and wake the reconcile loop.
-    pub fn touch(&self) {
+    /// Record a change to the index (made before this call) and wake the reconcile loop.
+    /// Returns the change's generation (see [`Cluster::wait_applied`]).
+    pub fn touch(&self) -> u64 {
         self.pending().get_or_insert_with(Instant::now);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.changed.notify_one();
+        generation
+    }
+
+    /// The generation of the latest change. A sync that reads it before compiling carries
+    /// every change up to it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A sync carrying every change up to `generation` has been committed.
+    pub fn mark_applied(&self, generation: u64) {
+        self.applied.send_if_modified(|applied| {
+            let newer = generation > *applied;
+            if newer {
+                *applied = generation;
+            }
+            newer
+        });
+    }
+
+    /// Whether every change up to `generation` is in the kernel.
+    pub fn is_applied(&self, generation: u64) -> bool {
+        *self.applied.borrow() >= generation
+    }
+
+    /// Wait until every change up to `generation` is in the kernel.
+    pub async fn wait_applied(&self, generation: u64) {
+        let mut rx = self.applied.subscribe();
+        // The sender lives as long as `self`, so this only ends when the generation is reached.
+        let _ = rx.wait_for(|applied| *applied >= generation).await;
     }
 
     /// Take the arrival time of the oldest pending change: the sync about to compile covers it.
