@@ -665,9 +665,32 @@ fn parse_peer(namespace: &str, field: &str, peer: &NetworkPolicyPeer) -> Result<
 }
 
 fn parse_cidr(field: &str, text: &str) -> Result<IpNet, FieldError> {
-    let net = text
-        .parse::<IpNet>()
-        .map_err(|_| field_error(field, format!("{text:?} is not a CIDR")))?;
+    let not_a_cidr = || field_error(field, format!("{text:?} is not a CIDR"));
+    let (addr, prefix) = text.split_once('/').ok_or_else(not_a_cidr)?;
+    // std's parser, not ipnet's: ipnet reads `010.0.0.0` as decimal, while such an address is
+    // ambiguous (octal to some parsers) and the API rejects it in new objects. A rule with
+    // one allows nothing, like any other part we cannot read (and pod IPs are read the same way).
+    let addr: IpAddr = addr.parse().map_err(|_| {
+        if addr
+            .split('.')
+            .any(|octet| octet.len() > 1 && octet.starts_with('0'))
+        {
+            field_error(
+                field,
+                format!(
+                    "{text:?}: leading zeros in an IPv4 address are ambiguous (octal or decimal?)"
+                ),
+            )
+        } else {
+            not_a_cidr()
+        }
+    })?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|_| !prefix.starts_with('+') && !(prefix.len() > 1 && prefix.starts_with('0')))
+        .ok_or_else(not_a_cidr)?;
+    let net = IpNet::new(addr, prefix).map_err(|_| not_a_cidr())?;
     // The API accepts host bits in older objects; what it means is the network.
     Ok(net.trunc())
 }
@@ -1061,5 +1084,26 @@ mod tests {
         index.unregister(&registration("c2", "x/web", "10.244.1.61").attachment);
         assert_eq!(ips_of(&index, "x/web"), ["10.244.1.60"]);
         assert_eq!(index.registrations().count(), 1);
+    }
+
+    #[test]
+    fn cidrs_are_read_strictly_and_an_ambiguous_one_allows_nothing() {
+        for good in ["10.0.0.0/24", "10.0.0.1/24", "fd00::/64", "0.0.0.0/0"] {
+            assert!(super::parse_cidr("f", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "010.0.0.0/24",
+            "10.0.0.0/33",
+            "10.0.0.0",
+            "10.0.0.0/024",
+            "10.0.0.0/+8",
+            "x/8",
+            "fd00::/129",
+        ] {
+            let e = super::parse_cidr("spec.ingress[0].from[0].ipBlock.cidr", bad).unwrap_err();
+            assert_eq!(e.field, "spec.ingress[0].from[0].ipBlock.cidr", "{bad}");
+        }
+        let e = super::parse_cidr("f", "010.0.0.0/24").unwrap_err();
+        assert!(e.message.contains("leading zeros"), "{}", e.message);
     }
 }
