@@ -155,6 +155,10 @@ pub struct Ruleset {
     /// Named counter objects (`drop_in_<hash>`, `drop_eg_<hash>`) by name: what the group
     /// chains dropped, per local isolated pod and direction.
     pub counters: BTreeMap<String, CounterInfo>,
+    /// Anti-spoofing, per host veth (the second table, `bridge sluice`): the source addresses
+    /// the pod attachment behind each veth may send from, as the CNI plugin registered them.
+    /// Empty: no bridge table at all (no pod on this node registered through CNI).
+    pub spoof_guard: BTreeMap<String, BTreeSet<IpAddr>>,
 }
 
 /// How big a ruleset is, for metrics and benchmarks.
@@ -463,7 +467,84 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
     }
 
     fill_sets(index, &requests, &mut out.ruleset);
+    out.ruleset.spoof_guard = spoof_guard(index, node, &mut out.problems);
     out
+}
+
+/// The bridge-family table that checks source addresses per host veth. Same name as the inet
+/// table; `nft` tells them apart by family.
+pub const BRIDGE_TABLE: &str = TABLE;
+/// Its one base chain, on the bridge prerouting hook.
+pub const SPOOF_GUARD_CHAIN: &str = "prerouting";
+/// Before everything else on the bridge prerouting hook: before br_netfilter (priority 0)
+/// hands the frame to the inet hooks (conntrack, iptables, our forward chains) and strictly
+/// before the standard bridge priorities (`dstnat` -300, `filter` -200), so the frame is
+/// checked as the pod sent it, before any other chain can rewrite or accept it.
+pub const SPOOF_GUARD_PRIORITY: i32 = -350;
+/// The named counter of the bridge table: frames dropped because their port is a registered
+/// pod's veth and their source (or their EtherType) is not the pod's.
+pub const SPOOF_COUNTER: &str = "spoofed";
+/// `type ifname`: the host veths of registered attachments.
+pub const POD_PORTS_SET: &str = "pod_ports";
+
+/// `pod_src_v4`: `type ifname . ipv4_addr`, each registered veth with each of its addresses.
+pub fn pod_src_set(family: Family) -> String {
+    format!("pod_src_{}", family.suffix())
+}
+
+/// A name the kernel accepts for a network device (and nft can quote): 1-15 bytes, printable
+/// ASCII, no '/', ':', quotes or backslashes.
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | ':' | '"' | '\\'))
+}
+
+/// Which source addresses may enter the bridge from which host veth: every registration (the
+/// CNI plugin on this node told the agent about it), unless the index places its pod on
+/// another node (a stale registration: its sandbox, and so its veth, is gone from here). A veth
+/// named by two registrations may send from the addresses of both.
+fn spoof_guard(
+    index: &Index,
+    node: &str,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, BTreeSet<IpAddr>> {
+    let mut guard: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+    for reg in index.registrations() {
+        let elsewhere = index
+            .pods
+            .get(&reg.pod)
+            .and_then(|p| p.node.as_deref())
+            .filter(|n| *n != node);
+        if let Some(other) = elsewhere {
+            problems.push(Problem {
+                object: format!("Pod {}", reg.pod),
+                message: format!(
+                    "registered through CNI on this node (veth {}) but scheduled on {other}; \
+                     its veth is not guarded",
+                    reg.host_veth
+                ),
+            });
+            continue;
+        }
+        if !valid_ifname(&reg.host_veth) {
+            problems.push(Problem {
+                object: format!("Pod {}", reg.pod),
+                message: format!(
+                    "the CNI plugin registered host veth {:?}, not a valid interface name; \
+                     its source addresses are not checked",
+                    reg.host_veth
+                ),
+            });
+            continue;
+        }
+        guard
+            .entry(reg.host_veth.clone())
+            .or_default()
+            .extend(reg.ips.iter().copied());
+    }
+    guard
 }
 
 fn base_chain(direction: Direction) -> Chain {
@@ -755,6 +836,7 @@ pub fn block_ranges(block: &IpBlock) -> Vec<(IpAddr, IpAddr)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{AttachmentKey, Registration};
     use crate::testutil::*;
 
     fn ip(s: &str) -> IpAddr {
@@ -1025,6 +1107,116 @@ mod tests {
             .filter(|c| c.kind != ChainKind::Group)
             .flat_map(|c| &c.rules)
             .all(|r| !matches!(r.action, Action::CountInto { .. } | Action::CountedDrop)));
+    }
+
+    fn registration(container: &str, pod: &str, veth: &str, ips: &[&str]) -> Registration {
+        Registration {
+            attachment: AttachmentKey {
+                container_id: container.into(),
+                ifname: "eth0".into(),
+            },
+            pod: key(pod),
+            ips: ips.iter().map(|i| ip(i)).collect(),
+            host_veth: veth.into(),
+        }
+    }
+
+    #[test]
+    fn the_spoof_guard_holds_each_registered_veth_with_its_own_addresses() {
+        let mut idx = three_namespaces();
+        let rs = compile_node(&idx, "node-1").ruleset;
+        assert!(rs.spoof_guard.is_empty(), "nothing registered: no guard");
+
+        // x/a (node-1) registered; so is a pod the API does not know yet (it is on this node:
+        // the plugin that registered it runs here), and a second attachment of x/a.
+        idx.register(registration(
+            "c1",
+            "x/a",
+            "veth0a",
+            &["10.244.1.2", "fd00:10:244:1::2"],
+        ));
+        idx.register(registration("c2", "x/new", "veth0n", &["10.244.1.50"]));
+        idx.register(registration("c3", "x/a", "veth1a", &["10.244.1.51"]));
+        let out = compile_node(&idx, "node-1");
+        let want: BTreeMap<String, BTreeSet<IpAddr>> = [
+            ("veth0a", vec!["10.244.1.2", "fd00:10:244:1::2"]),
+            ("veth0n", vec!["10.244.1.50"]),
+            ("veth1a", vec!["10.244.1.51"]),
+        ]
+        .into_iter()
+        .map(|(v, ips)| (v.to_string(), ips.into_iter().map(ip).collect()))
+        .collect();
+        assert_eq!(out.ruleset.spoof_guard, want);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+
+        // A registration whose pod the API places on another node is not this node's, and a
+        // veth name the kernel could not have is not used; both are reported.
+        idx.register(registration("c4", "x/b", "veth0b", &["10.244.2.2"]));
+        idx.register(registration("c5", "y/a", "bad\"name", &["10.244.1.5"]));
+        idx.register(registration("c6", "y/c", &"v".repeat(16), &["10.244.1.7"]));
+        let out = compile_node(&idx, "node-1");
+        assert_eq!(out.ruleset.spoof_guard, want);
+        let objects: Vec<&str> = out.problems.iter().map(|p| p.object.as_str()).collect();
+        assert_eq!(
+            objects,
+            ["Pod x/b", "Pod y/a", "Pod y/c"],
+            "{:?}",
+            out.problems
+        );
+        assert!(out.problems[0].message.contains("node-2"));
+
+        // The guard does not touch the inet table: a registration with the pod's API addresses
+        // changes nothing else, even with policies in force.
+        let mut plain = three_namespaces();
+        add_policy(
+            &mut plain,
+            "x",
+            "deny",
+            r#"{"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}"#,
+        );
+        let mut registered = plain.clone();
+        registered.register(registration(
+            "c1",
+            "x/a",
+            "veth0a",
+            &["10.244.1.2", "fd00:10:244:1::2"],
+        ));
+        let mut guarded = compile_node(&registered, "node-1").ruleset;
+        assert_eq!(guarded.spoof_guard.len(), 1);
+        guarded.spoof_guard.clear();
+        assert_eq!(guarded, compile_node(&plain, "node-1").ruleset);
+
+        // Two registrations naming one veth: it may send from the addresses of both.
+        idx.register(registration("c7", "z/a", "veth0n", &["10.244.1.60"]));
+        let guard = compile_node(&idx, "node-1").ruleset.spoof_guard;
+        assert_eq!(
+            guard["veth0n"],
+            [ip("10.244.1.50"), ip("10.244.1.60")].into_iter().collect()
+        );
+
+        // Unregistering removes the veth.
+        idx.unregister(&registration("c1", "x/a", "", &[]).attachment);
+        let guard = compile_node(&idx, "node-1").ruleset.spoof_guard;
+        assert!(!guard.contains_key("veth0a"));
+    }
+
+    #[test]
+    fn valid_ifnames_are_what_the_kernel_accepts() {
+        for ok in ["veth5d6ee293", "a", "eth0.5", "v-_@x", &"v".repeat(15)] {
+            assert!(valid_ifname(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "a:b",
+            "a\"b",
+            "a\\b",
+            "vethé",
+            &"v".repeat(16),
+        ] {
+            assert!(!valid_ifname(bad), "{bad}");
+        }
     }
 
     #[test]

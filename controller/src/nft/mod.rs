@@ -5,12 +5,14 @@
 //! (its issue #237), and `sluice render` must print nft text anyway; one renderer means what we
 //! print is exactly what we apply.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use crate::compile::{
-    Action, Chain, ChainKind, CounterInfo, Element, Match, Rule, Ruleset, Set, SetKind, Side, TABLE,
+    pod_src_set, Action, Chain, ChainKind, CounterInfo, Element, Match, Rule, Ruleset, Set,
+    SetKind, Side, BRIDGE_TABLE, POD_PORTS_SET, SPOOF_COUNTER, SPOOF_GUARD_CHAIN,
+    SPOOF_GUARD_PRIORITY, TABLE,
 };
 use crate::model::Family;
 
@@ -205,18 +207,203 @@ pub fn render(ruleset: &Ruleset) -> String {
     }
     items.sort_by_key(|(rank, _)| *rank);
     let body: Vec<String> = items.into_iter().map(|(_, t)| t).collect();
-    format!("table inet {TABLE} {{\n{}}}\n", body.join("\n"))
+    let mut text = format!("table inet {TABLE} {{\n{}}}\n", body.join("\n"));
+    if let Some(guard) = render_spoof_guard(ruleset) {
+        text.push_str(&guard);
+    }
+    text
 }
 
-/// Replace whatever table is there with this ruleset, atomically: there is never a moment
-/// without rules.
+// The anti-spoofing table, `bridge sluice`: on the bridge prerouting hook the input interface
+// is the bridge port, the pod's host veth (the inet hooks see only the bridge, `cni0`).
+
+const SPOOF_GUARD_COMMENT: &str = "anti-spoofing: frames from a registered pod's veth must carry \
+     one of its addresses";
+
+/// The set declarations (name, spec) of the bridge table.
+fn spoof_guard_sets() -> Vec<(String, Vec<String>)> {
+    let mut sets = vec![(
+        POD_PORTS_SET.to_string(),
+        vec![
+            "type ifname".to_string(),
+            comment("host veths of the pods registered through CNI"),
+        ],
+    )];
+    for family in Family::ALL {
+        sets.push((
+            pod_src_set(family),
+            vec![
+                format!("type ifname . {}", addr_type(family)),
+                comment("host veth . an address its pod may send from"),
+            ],
+        ));
+    }
+    sets
+}
+
+/// The elements of each set of the bridge table, as text.
+fn spoof_guard_elements(ruleset: &Ruleset) -> BTreeMap<String, BTreeSet<String>> {
+    let mut sets: BTreeMap<String, BTreeSet<String>> = spoof_guard_sets()
+        .into_iter()
+        .map(|(name, _)| (name, BTreeSet::new()))
+        .collect();
+    for (veth, ips) in &ruleset.spoof_guard {
+        sets.entry(POD_PORTS_SET.to_string())
+            .or_default()
+            .insert(format!("\"{veth}\""));
+        for ip in ips {
+            sets.entry(pod_src_set(Family::of(ip)))
+                .or_default()
+                .insert(format!("\"{veth}\" . {}", ip_text(ip)));
+        }
+    }
+    sets
+}
+
+/// The base chain: frames from ports that are not registered veths pass; from a registered
+/// veth only IPv4, IPv6 and ARP with one of the pod's own source addresses pass (IPv6 also from
+/// link-local and `::`, which neighbour discovery, DAD and MLD use; ARP also from 0.0.0.0, an
+/// ARP probe); everything else is counted and dropped, other EtherTypes included (a VLAN tag
+/// would otherwise hide the IP header from `ip saddr`).
+fn spoof_guard_rules() -> Vec<String> {
+    let v4 = pod_src_set(Family::V4);
+    let v6 = pod_src_set(Family::V6);
+    vec![
+        format!("iifname != @{POD_PORTS_SET} accept"),
+        format!("iifname . ip saddr @{v4} accept"),
+        "ip6 saddr { ::, fe80::/10 } accept".to_string(),
+        format!("iifname . ip6 saddr @{v6} accept"),
+        "arp saddr ip 0.0.0.0 accept".to_string(),
+        format!("iifname . arp saddr ip @{v4} accept"),
+        format!("counter name {SPOOF_COUNTER} drop"),
+    ]
+}
+
+fn spoof_guard_chain_spec() -> Vec<String> {
+    vec![
+        format!("type filter hook prerouting priority {SPOOF_GUARD_PRIORITY}; policy accept"),
+        comment(SPOOF_GUARD_COMMENT),
+    ]
+}
+
+fn spoof_counter_spec() -> Vec<String> {
+    vec![comment(
+        "frames dropped from registered pod veths: source not the pod's",
+    )]
+}
+
+/// The bridge table as an nft block; `None` when no pod on this node registered through CNI
+/// (then there is no bridge table at all).
+pub fn render_spoof_guard(ruleset: &Ruleset) -> Option<String> {
+    if ruleset.spoof_guard.is_empty() {
+        return None;
+    }
+    let t = BRIDGE_TABLE;
+    let mut text = format!("table bridge {t} {{\n\tcounter {SPOOF_COUNTER} {{\n");
+    for line in spoof_counter_spec() {
+        let _ = writeln!(text, "\t\t{line}");
+    }
+    text.push_str("\t}\n");
+    let elements = spoof_guard_elements(ruleset);
+    for (name, spec) in spoof_guard_sets() {
+        let _ = writeln!(text, "\n\tset {name} {{");
+        for line in spec {
+            let _ = writeln!(text, "\t\t{line}");
+        }
+        if let Some(items) = elements.get(&name).filter(|e| !e.is_empty()) {
+            let items: Vec<&str> = items.iter().map(String::as_str).collect();
+            let _ = writeln!(text, "\t\telements = {{ {} }}", items.join(", "));
+        }
+        text.push_str("\t}\n");
+    }
+    let _ = writeln!(text, "\n\tchain {SPOOF_GUARD_CHAIN} {{");
+    for line in spoof_guard_chain_spec() {
+        let _ = writeln!(text, "\t\t{line}");
+    }
+    for rule in spoof_guard_rules() {
+        let _ = writeln!(text, "\t\t{rule}");
+    }
+    text.push_str("\t}\n}\n");
+    Some(text)
+}
+
+/// The commands that bring the bridge table from `old` to `new` (appended to the inet diff, so
+/// both change in one transaction). Nothing when the guard did not change; the whole table
+/// created when it appears (after removing whatever stale table has that name) and deleted
+/// when the last registration goes; otherwise element changes only.
+fn diff_spoof_guard(old: &Ruleset, new: &Ruleset, out: &mut String) {
+    if old.spoof_guard == new.spoof_guard {
+        return;
+    }
+    let t = BRIDGE_TABLE;
+    if new.spoof_guard.is_empty() {
+        let _ = writeln!(out, "delete table bridge {t}");
+        return;
+    }
+    let before = spoof_guard_elements(old);
+    let after = spoof_guard_elements(new);
+    if old.spoof_guard.is_empty() {
+        let _ = writeln!(out, "add table bridge {t}");
+        let _ = writeln!(out, "delete table bridge {t}");
+        let _ = writeln!(out, "add table bridge {t}");
+        let _ = writeln!(
+            out,
+            "add counter bridge {t} {SPOOF_COUNTER} {{ {}; }}",
+            spoof_counter_spec().join("; ")
+        );
+        for (name, spec) in spoof_guard_sets() {
+            let _ = writeln!(out, "add set bridge {t} {name} {{ {}; }}", spec.join("; "));
+        }
+        let _ = writeln!(
+            out,
+            "add chain bridge {t} {SPOOF_GUARD_CHAIN} {{ {}; }}",
+            spoof_guard_chain_spec().join("; ")
+        );
+    }
+    let empty = BTreeSet::new();
+    for (name, items) in &after {
+        let was = before.get(name).unwrap_or(&empty);
+        let removed: Vec<&str> = was.difference(items).map(String::as_str).collect();
+        if !removed.is_empty() {
+            let _ = writeln!(
+                out,
+                "delete element bridge {t} {name} {{ {} }}",
+                removed.join(", ")
+            );
+        }
+    }
+    for (name, items) in &after {
+        let was = before.get(name).unwrap_or(&empty);
+        let added: Vec<&str> = items.difference(was).map(String::as_str).collect();
+        if !added.is_empty() {
+            let _ = writeln!(
+                out,
+                "add element bridge {t} {name} {{ {} }}",
+                added.join(", ")
+            );
+        }
+    }
+    if old.spoof_guard.is_empty() {
+        for rule in spoof_guard_rules() {
+            let _ = writeln!(out, "add rule bridge {t} {SPOOF_GUARD_CHAIN} {rule}");
+        }
+    }
+}
+
+/// Replace whatever tables are there with this ruleset, atomically: there is never a moment
+/// without rules. Both tables go in the one transaction (the bridge table only when the ruleset
+/// has one; a stale one is removed either way).
 pub fn replace_script(ruleset: &Ruleset) -> String {
     format!("{}{}", remove_table_script(), render(ruleset))
 }
 
-/// Remove the table (uninstall, benchmarks). Harmless when it does not exist.
+/// Remove both tables, `inet sluice` and `bridge sluice` (uninstall, benchmarks). Harmless when
+/// they do not exist.
 pub fn remove_table_script() -> String {
-    format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
+    format!(
+        "table inet {TABLE}\ndelete table inet {TABLE}\n\
+         table bridge {BRIDGE_TABLE}\ndelete table bridge {BRIDGE_TABLE}\n"
+    )
 }
 
 /// Commands in a script, as transaction sizes are counted (non-empty lines).
@@ -353,6 +540,8 @@ pub fn diff_script(old: &Ruleset, new: &Ruleset) -> Option<String> {
             let _ = writeln!(out, "delete counter inet {t} {name}");
         }
     }
+    // 7. The bridge table (anti-spoofing), in the same transaction.
+    diff_spoof_guard(old, new, &mut out);
     (!out.is_empty()).then_some(out)
 }
 
@@ -452,6 +641,156 @@ mod tests {
         );
         assert!(pos("flush chain inet sluice in.x.p") < pos("delete chain inet sluice grp.in."));
         assert!(pos("delete chain inet sluice in.x.p") < pos("delete set inet sluice peer_"));
+    }
+
+    fn guarded(guard: &[(&str, &[&str])]) -> Ruleset {
+        let mut rs = compile_node(&three_namespaces(), "node-1").ruleset;
+        rs.spoof_guard = guard
+            .iter()
+            .map(|(veth, ips)| {
+                let ips = ips.iter().map(|i| i.parse().expect("ip")).collect();
+                (veth.to_string(), ips)
+            })
+            .collect();
+        rs
+    }
+
+    const SPOOF_CHAIN_RULES: &str = "\t\tiifname != @pod_ports accept
+\t\tiifname . ip saddr @pod_src_v4 accept
+\t\tip6 saddr { ::, fe80::/10 } accept
+\t\tiifname . ip6 saddr @pod_src_v6 accept
+\t\tarp saddr ip 0.0.0.0 accept
+\t\tiifname . arp saddr ip @pod_src_v4 accept
+\t\tcounter name spoofed drop
+";
+
+    #[test]
+    fn the_bridge_table_is_rendered_only_with_registrations() {
+        let plain = guarded(&[]);
+        assert_eq!(render_spoof_guard(&plain), None);
+        assert!(!render(&plain).contains("bridge"));
+        let rs = guarded(&[
+            ("veth0a", &["10.244.1.2", "fd00:10:244:1::2"]),
+            ("veth0b", &["10.244.1.3"]),
+        ]);
+        let bridge = render_spoof_guard(&rs).expect("a bridge table");
+        let want = format!(
+            "table bridge sluice {{
+\tcounter spoofed {{
+\t\tcomment \"frames dropped from registered pod veths: source not the pod's\"
+\t}}
+
+\tset pod_ports {{
+\t\ttype ifname
+\t\tcomment \"host veths of the pods registered through CNI\"
+\t\telements = {{ \"veth0a\", \"veth0b\" }}
+\t}}
+
+\tset pod_src_v4 {{
+\t\ttype ifname . ipv4_addr
+\t\tcomment \"host veth . an address its pod may send from\"
+\t\telements = {{ \"veth0a\" . 10.244.1.2, \"veth0b\" . 10.244.1.3 }}
+\t}}
+
+\tset pod_src_v6 {{
+\t\ttype ifname . ipv6_addr
+\t\tcomment \"host veth . an address its pod may send from\"
+\t\telements = {{ \"veth0a\" . fd00:10:244:1::2 }}
+\t}}
+
+\tchain prerouting {{
+\t\ttype filter hook prerouting priority -350; policy accept
+\t\tcomment \"{}\"
+{SPOOF_CHAIN_RULES}\t}}
+}}
+",
+            SPOOF_GUARD_COMMENT
+        );
+        assert_eq!(bridge, want);
+        // `render` (what `sluice render` prints) and the whole-table load carry both tables,
+        // and the load removes both before creating them.
+        let text = render(&rs);
+        assert!(text.starts_with("table inet sluice {"));
+        assert!(text.ends_with(&bridge));
+        let script = replace_script(&rs);
+        assert!(script.starts_with(
+            "table inet sluice\ndelete table inet sluice\ntable bridge sluice\ndelete table bridge sluice\ntable inet sluice {"
+        ));
+        assert!(script.ends_with(&bridge));
+        // Without registrations a whole load still removes a stale bridge table.
+        assert!(replace_script(&plain).contains("delete table bridge sluice\n"));
+        assert_eq!(
+            remove_table_script(),
+            "table inet sluice\ndelete table inet sluice\ntable bridge sluice\ndelete table bridge sluice\n"
+        );
+    }
+
+    #[test]
+    fn the_bridge_table_diffs_in_the_same_script() {
+        let none = guarded(&[]);
+        let one = guarded(&[("veth0a", &["10.244.1.2", "fd00:10:244:1::2"])]);
+        assert_eq!(diff_script(&one, &one), None, "a no-op diff is empty");
+        assert_eq!(diff_script(&none, &none), None);
+
+        // The first registration creates the table (removing any stale one first).
+        let create = diff_script(&none, &one).expect("create");
+        let want = format!(
+            "add table bridge sluice
+delete table bridge sluice
+add table bridge sluice
+add counter bridge sluice spoofed {{ comment \"frames dropped from registered pod veths: source not the pod's\"; }}
+add set bridge sluice pod_ports {{ type ifname; comment \"host veths of the pods registered through CNI\"; }}
+add set bridge sluice pod_src_v4 {{ type ifname . ipv4_addr; comment \"host veth . an address its pod may send from\"; }}
+add set bridge sluice pod_src_v6 {{ type ifname . ipv6_addr; comment \"host veth . an address its pod may send from\"; }}
+add chain bridge sluice prerouting {{ type filter hook prerouting priority -350; policy accept; comment \"{SPOOF_GUARD_COMMENT}\"; }}
+add element bridge sluice pod_ports {{ \"veth0a\" }}
+add element bridge sluice pod_src_v4 {{ \"veth0a\" . 10.244.1.2 }}
+add element bridge sluice pod_src_v6 {{ \"veth0a\" . fd00:10:244:1::2 }}
+{}",
+            SPOOF_CHAIN_RULES
+                .lines()
+                .map(|r| format!("add rule bridge sluice prerouting {}\n", r.trim()))
+                .collect::<String>()
+        );
+        assert_eq!(create, want);
+
+        // Later changes are element changes only, removals first.
+        let two = guarded(&[
+            ("veth0a", &["10.244.1.9"]),
+            ("veth0b", &["10.244.1.3", "fd00:10:244:1::3"]),
+        ]);
+        let change = diff_script(&one, &two).expect("change");
+        assert_eq!(
+            change,
+            "delete element bridge sluice pod_src_v4 { \"veth0a\" . 10.244.1.2 }
+delete element bridge sluice pod_src_v6 { \"veth0a\" . fd00:10:244:1::2 }
+add element bridge sluice pod_ports { \"veth0b\" }
+add element bridge sluice pod_src_v4 { \"veth0a\" . 10.244.1.9, \"veth0b\" . 10.244.1.3 }
+add element bridge sluice pod_src_v6 { \"veth0b\" . fd00:10:244:1::3 }
+"
+        );
+
+        // The last registration gone: the table goes.
+        assert_eq!(
+            diff_script(&two, &none).as_deref(),
+            Some("delete table bridge sluice\n")
+        );
+
+        // Together with an inet change: one script, the inet commands first.
+        let mut idx = three_namespaces();
+        add_policy(
+            &mut idx,
+            "x",
+            "deny",
+            r#"{"podSelector": {}, "ingress": []}"#,
+        );
+        let mut both = compile_node(&idx, "node-1").ruleset;
+        both.spoof_guard = one.spoof_guard.clone();
+        let script = diff_script(&none, &both).expect("both");
+        assert!(script.starts_with("add counter inet sluice"), "{script}");
+        assert!(script.contains("add element inet sluice ingress_v4"));
+        assert!(script.ends_with("add rule bridge sluice prerouting counter name spoofed drop\n"));
+        assert_eq!(diff_script(&both, &both), None);
     }
 
     #[test]
