@@ -688,7 +688,9 @@ fn parse_cidr(field: &str, text: &str) -> Result<IpNet, FieldError> {
     let prefix: u8 = prefix
         .parse()
         .ok()
-        .filter(|_| !prefix.starts_with('+') && !(prefix.len() > 1 && prefix.starts_with('0')))
+        // Digits only, no leading zero: `+8` and `08` are not prefix lengths.
+        .filter(|_| prefix.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|_| prefix == "0" || !prefix.starts_with('0'))
         .ok_or_else(not_a_cidr)?;
     let net = IpNet::new(addr, prefix).map_err(|_| not_a_cidr())?;
     // The API accepts host bits in older objects; what it means is the network.
