@@ -74,6 +74,17 @@ fn agent_programs_the_node_from_the_api_server() {
         metric(&metrics, "sluice_syncs_total", &[("result", "ok")]).unwrap_or(0.0) >= 1.0,
         "{metrics}"
     );
+    // Each isolated pod's kernel drop counter is read into a series of its own (1 s here);
+    // nothing was sent, so nothing was dropped.
+    fx.wait_metrics("a drop series per isolated pod", &agent, |m| {
+        ["a", "b"].iter().all(|pod| {
+            metric(
+                m,
+                "sluice_dropped_packets_total",
+                &[("namespace", "x"), ("pod", pod), ("direction", "ingress")],
+            ) == Some(0.0)
+        })
+    });
 
     // A relabel takes b out of the policy: its IP leaves the dispatch map, a's stays.
     cp.kubectl(
@@ -82,6 +93,17 @@ fn agent_programs_the_node_from_the_api_server() {
     );
     fx.wait_for("b's IP out of ingress_v4", &agent, |t| {
         in_ingress_map(t, "10.244.1.2") && !in_ingress_map(t, "10.244.1.3")
+    });
+    // b is no longer isolated: its drop series goes away, a's stays.
+    fx.wait_metrics("b's drop series removed", &agent, |m| {
+        let series = |pod| {
+            metric(
+                m,
+                "sluice_dropped_packets_total",
+                &[("namespace", "x"), ("pod", pod), ("direction", "ingress")],
+            )
+        };
+        series("a").is_some() && series("b").is_none()
     });
 
     // Drift: someone deletes the table; the next resync (2 s here) restores it whole.

@@ -523,6 +523,38 @@ pub fn helper_main() {
                 println!("HELPER-BODY {line}");
             }
         }
+        // A TCP server on SLUICE_TEST_LISTEN answering "hello" to every connection.
+        Ok("listen") => {
+            let listen = std::env::var("SLUICE_TEST_LISTEN").expect("listen");
+            let listener = TcpListener::bind(&listen).expect("bind");
+            println!("HELPER-LISTENING");
+            for mut conn in listener.incoming().flatten() {
+                let _ = conn.write_all(b"hello\n");
+            }
+        }
+        // One TCP connection to SLUICE_TEST_ADDR within 1 s: prints what happened.
+        Ok("connect") => {
+            let addr: std::net::SocketAddr = std::env::var("SLUICE_TEST_ADDR")
+                .expect("addr")
+                .parse()
+                .expect("addr");
+            let outcome = match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(mut s) => {
+                    let mut text = String::new();
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                    let _ = s.read_to_string(&mut text);
+                    if text.starts_with("hello") {
+                        "connected"
+                    } else {
+                        "no-answer"
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => "refused",
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout",
+                Err(_) => "error",
+            };
+            println!("HELPER-CONNECT {outcome}");
+        }
         _ => {}
     }
 }
@@ -600,6 +632,10 @@ impl Fixture {
                 "10ms",
                 "--resync",
                 "2s",
+                "--drop-counters-interval",
+                "1s",
+                "--cni-socket",
+                &self.cni_socket().to_string_lossy(),
             ])
             .env("NODE_NAME", NODE)
             .env("NO_COLOR", "1")
@@ -619,6 +655,11 @@ impl Fixture {
 
     pub fn table(&self) -> String {
         self.ns.table()
+    }
+
+    /// The agent's CNI socket: one per test (tests run in parallel), in the state dir.
+    pub fn cni_socket(&self) -> PathBuf {
+        self.cp.dir.join("cni.sock")
     }
 
     /// Wait (up to [`CONVERGE`]) until the table satisfies `cond`.
