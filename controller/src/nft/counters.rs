@@ -12,7 +12,7 @@
 use serde_json::Value;
 
 use super::apply::{Nft, NftError};
-use crate::compile::TABLE;
+use crate::compile::{BRIDGE_TABLE, SPOOF_COUNTER, TABLE};
 
 /// What a named counter object counted since the previous `take_counters`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,15 +47,52 @@ pub fn take_counters(nft: &Nft) -> Result<Vec<CounterValue>, NftError> {
         .map_err(|message| NftError::Counters { command, message })
 }
 
+/// Read and zero the anti-spoofing table's counter (`bridge sluice`, counter `spoofed`): frames
+/// dropped since the previous take because a registered pod's veth sent them with a source
+/// that is not the pod's. `None` when there is no bridge table (no pod registered through CNI).
+pub fn take_spoofed(nft: &Nft) -> Result<Option<CounterValue>, NftError> {
+    let mut cmd = nft.command(&[
+        "-j",
+        "reset",
+        "counter",
+        "bridge",
+        BRIDGE_TABLE,
+        SPOOF_COUNTER,
+    ]);
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| NftError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if stderr.contains("No such file or directory") {
+            return Ok(None);
+        }
+        return Err(NftError::Counters {
+            command,
+            message: stderr,
+        });
+    }
+    let all = parse_family_counters(&String::from_utf8_lossy(&out.stdout), "bridge")
+        .map_err(|message| NftError::Counters { command, message })?;
+    Ok(all.into_iter().find(|c| c.name == SPOOF_COUNTER))
+}
+
 /// The counter objects of our table in `nft -j` output.
 fn parse_counters(json: &str) -> Result<Vec<CounterValue>, String> {
+    parse_family_counters(json, "inet")
+}
+
+/// The counter objects of our table of `family` in `nft -j` output.
+fn parse_family_counters(json: &str, family: &str) -> Result<Vec<CounterValue>, String> {
     let doc: Value = serde_json::from_str(json).map_err(|e| format!("bad JSON from nft: {e}"))?;
     let items = doc["nftables"]
         .as_array()
         .ok_or("no \"nftables\" array in nft's output")?;
     let mut out = Vec::new();
     for counter in items.iter().filter_map(|i| i.get("counter")) {
-        if counter["table"] != TABLE || counter["family"] != "inet" {
+        if counter["table"] != TABLE || counter["family"] != family {
             continue;
         }
         let field = |key: &str| {
@@ -99,6 +136,16 @@ mod tests {
             ]
         );
         assert_eq!(parse_counters(r#"{"nftables": []}"#).unwrap(), vec![]);
+        let bridge = r#"{"nftables": [{"counter": {"family": "bridge", "name": "spoofed", "table": "sluice", "handle": 2, "packets": 4, "bytes": 168}}]}"#;
+        assert_eq!(parse_counters(bridge).unwrap(), vec![]);
+        assert_eq!(
+            parse_family_counters(bridge, "bridge").unwrap(),
+            vec![CounterValue {
+                name: "spoofed".into(),
+                packets: 4,
+                bytes: 168
+            }]
+        );
         assert!(parse_counters("Error").is_err());
         assert!(parse_counters(
             r#"{"nftables": [{"counter": {"family": "inet", "table": "sluice", "name": "x"}}]}"#

@@ -549,7 +549,7 @@ mod apply;
 mod counters;
 
 pub use apply::{Applied, Nft, NftError, TableState};
-pub use counters::{take_counters, CounterValue};
+pub use counters::{take_counters, take_spoofed, CounterValue};
 
 #[cfg(test)]
 mod tests {
