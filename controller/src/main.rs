@@ -72,6 +72,136 @@ enum Command {
     ///
     /// Log level: RUST_LOG (default info; debug prints one line per sync).
     Agent(AgentArgs),
+    /// Chain sluice-cni after flannel on this node, and keep it chained (the DaemonSet's
+    /// install-cni container).
+    ///
+    /// Copies the sluice-cni binary into the host's CNI bin dir, then writes
+    /// `05-sluice.conflist` into the CNI conf dir: flannel's conflist (its plugins unchanged,
+    /// same network name) followed by sluice-cni. The runtime uses the first conflist by name,
+    /// so ours is used while it exists. Flannel rewrites its file when its pod restarts; this
+    /// re-derives ours whenever flannel's changes (checked every --interval). A flannel file
+    /// it does not understand is reported (file and field) and nothing is written: the node's
+    /// configuration stays as it was. SIGTERM leaves everything in place (upgrades keep the
+    /// start gate); --uninstall removes what it wrote, and flannel's chain alone takes over.
+    InstallCni(InstallCniArgs),
+}
+
+#[derive(clap::Args)]
+struct InstallCniArgs {
+    /// The host's CNI bin dir, as mounted into the container.
+    #[arg(long, env = "SLUICE_CNI_BIN_DIR", default_value = "/host/opt/cni/bin")]
+    cni_bin_dir: std::path::PathBuf,
+    /// The host's CNI conf dir, as mounted into the container.
+    #[arg(
+        long,
+        env = "SLUICE_CNI_CONF_DIR",
+        default_value = "/host/etc/cni/net.d"
+    )]
+    cni_conf_dir: std::path::PathBuf,
+    /// The sluice-cni binary to install. Default: `sluice-cni` next to this binary.
+    #[arg(long, value_name = "FILE")]
+    plugin_binary: Option<std::path::PathBuf>,
+    /// Flannel's conflist in the conf dir. Default: 10-flannel.conflist, else the first
+    /// *.conflist with a flannel plugin.
+    #[arg(long, env = "SLUICE_FLANNEL_CONFLIST", value_name = "NAME")]
+    flannel_conflist: Option<String>,
+    /// The agent's CNI socket, written into sluice-cni's config.
+    #[arg(long, env = "SLUICE_CNI_SOCKET", default_value = sluice_cni::protocol::DEFAULT_SOCKET)]
+    agent_socket: String,
+    /// How long a pod's start waits for its policy (sluice-cni's `timeout`). Units: ms, s, m.
+    #[arg(long, env = "SLUICE_CNI_TIMEOUT", default_value = "10s", value_parser = sluice_cni::config::parse_duration)]
+    timeout: std::time::Duration,
+    /// What a pod's start does when the agent cannot confirm its policy in time: `closed`
+    /// fails the start (the runtime retries; no pod runs without its rules), `open` lets it
+    /// start and says so in the runtime's log.
+    #[arg(
+        long,
+        env = "SLUICE_CNI_FAIL_MODE",
+        value_enum,
+        default_value = "closed"
+    )]
+    fail_mode: FailModeArg,
+    /// How often flannel's conflist is checked for changes.
+    #[arg(long, default_value = "2s", value_parser = sluice::duration::parse)]
+    interval: std::time::Duration,
+    /// Install (or update) once and exit.
+    #[arg(long)]
+    once: bool,
+    /// Remove the conflist this command wrote and the sluice-cni binary, then exit.
+    #[arg(long, conflicts_with = "once")]
+    uninstall: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FailModeArg {
+    Closed,
+    Open,
+}
+
+fn install_cni(args: InstallCniArgs) -> Result<ExitCode, String> {
+    use sluice::install_cni::{Installer, PluginSettings};
+    init_logging();
+    let plugin_binary = match args.plugin_binary {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find this binary's directory: {e}"))?
+            .with_file_name("sluice-cni"),
+    };
+    let installer = Installer {
+        bin_dir: args.cni_bin_dir,
+        conf_dir: args.cni_conf_dir,
+        plugin_binary,
+        flannel_conflist: args.flannel_conflist,
+        settings: PluginSettings {
+            agent_socket: args.agent_socket,
+            timeout: format!("{}ms", args.timeout.as_millis()),
+            fail_mode: match args.fail_mode {
+                FailModeArg::Closed => "closed",
+                FailModeArg::Open => "open",
+            }
+            .into(),
+        },
+    };
+    if args.uninstall {
+        installer.uninstall().map_err(|e| e.to_string())?;
+        tracing::info!(
+            "removed {} and sluice-cni; flannel's chain alone is in use",
+            installer.our_conflist().display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.once {
+        installer.install_binary().map_err(|e| e.to_string())?;
+        installer.sync_conflist().map_err(|e| e.to_string())?;
+        tracing::info!(
+            "installed sluice-cni and wrote {}",
+            installer.our_conflist().display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(|e| format!("could not install the signal handler: {e}"))?;
+    }
+    installer
+        .run(args.interval, &|| {
+            stop.load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .map_err(|e| e.to_string())?;
+    tracing::info!("stopping; the chained conflist stays in place");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let stderr = std::io::stderr();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&stderr))
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 #[derive(clap::Args)]
@@ -120,14 +250,7 @@ struct AgentArgs {
 }
 
 fn agent(args: AgentArgs) -> Result<ExitCode, String> {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let stderr = std::io::stderr();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&stderr))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     if args.cleanup {
         sluice::agent::cleanup(&sluice::nft::Nft::default()).map_err(|e| e.to_string())?;
         tracing::info!("removed table inet sluice");
@@ -278,6 +401,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => agent(args),
+        Command::InstallCni(args) => install_cni(args),
     }
 }
 

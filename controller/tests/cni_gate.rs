@@ -67,7 +67,7 @@ struct Chain {
 impl Chain {
     fn new(fx: &Fixture, fail_mode: &str) -> Chain {
         let dir = fx.cp.dir.join(unique("cni"));
-        for sub in ["conf", "flannel", "varlib", "run"] {
+        for sub in ["conf", "bin", "flannel", "varlib", "run"] {
             std::fs::create_dir_all(dir.join(sub)).expect("cni dirs");
         }
         std::fs::write(
@@ -75,6 +75,7 @@ impl Chain {
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
         )
         .expect("subnet.env");
+        // flannel's conflist as flannel's manifest writes it (state paths in the temp dir) ...
         let conflist = serde_json::json!({
             "name": "cbr0",
             "cniVersion": "0.3.1",
@@ -85,13 +86,7 @@ impl Chain {
                     "dataDir": dir.join("flannel"),
                     "delegate": {"hairpinMode": true, "isDefaultGateway": true}
                 },
-                {"type": "portmap", "capabilities": {"portMappings": true}},
-                {
-                    "type": "sluice-cni",
-                    "agentSocket": fx.cni_socket(),
-                    "timeout": "5s",
-                    "failMode": fail_mode
-                }
+                {"type": "portmap", "capabilities": {"portMappings": true}}
             ]
         });
         std::fs::write(
@@ -99,7 +94,27 @@ impl Chain {
             serde_json::to_string_pretty(&conflist).expect("json"),
         )
         .expect("conflist");
-        let path = format!("{}:{}", sluice_cni_dir().display(), plugin_dir().display());
+        // ... and sluice chained after it by the installer, as on a real node.
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("install-cni")
+            .arg("--once")
+            .arg("--cni-bin-dir")
+            .arg(dir.join("bin"))
+            .arg("--cni-conf-dir")
+            .arg(dir.join("conf"))
+            .arg("--plugin-binary")
+            .arg(sluice_cni_dir().join("sluice-cni"))
+            .arg("--agent-socket")
+            .arg(fx.cni_socket())
+            .args(["--timeout", "5s", "--fail-mode", fail_mode])
+            .output()
+            .expect("sluice install-cni");
+        assert!(
+            out.status.success(),
+            "install-cni: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = format!("{}:{}", dir.join("bin").display(), plugin_dir().display());
         Chain {
             dir,
             node_ns: fx.ns.name().to_string(),
