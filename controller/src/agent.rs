@@ -377,8 +377,30 @@ impl DropSeries {
     async fn read(&mut self, applied: Option<&crate::compile::Ruleset>, metrics: &Metrics) {
         let Some(applied) = applied else { return };
         let owners = applied.counters.clone();
-        let read = tokio::task::spawn_blocking(|| crate::nft::take_counters(&Nft::default())).await;
+        let read = tokio::task::spawn_blocking(|| {
+            let nft = Nft::default();
+            (
+                crate::nft::take_counters(&nft),
+                crate::nft::take_spoofed(&nft),
+            )
+        })
+        .await;
         let values = match read {
+            Ok((values, spoofed)) => {
+                match spoofed {
+                    Ok(Some(v)) => {
+                        metrics.spoofed_packets.inc_by(v.packets);
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "could not read the anti-spoofing counter")
+                    }
+                }
+                Ok(values)
+            }
+            Err(e) => Err(e),
+        };
+        let values = match values {
             Ok(Ok(values)) => values,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "could not read the drop counters");

@@ -40,6 +40,9 @@ pub struct Metrics {
     /// counters (read every `--drop-counters-interval` and before each whole-table replace).
     pub dropped_packets: Family<PodLabels, Counter>,
     pub dropped_bytes: Family<PodLabels, Counter>,
+    /// Frames dropped because a registered pod's veth sent them with a source address (or
+    /// ARP sender) that is not the pod's (the `bridge sluice` table's `spoofed` counter).
+    pub spoofed_packets: Counter,
     /// `op`: add | del | check | status | gc; `result`: ok | error.
     pub cni_requests: Family<Labels, Counter>,
     /// From a CNI ADD's arrival to its answer when the pod's rules are in the kernel: how long
@@ -139,6 +142,12 @@ impl Metrics {
             "Bytes of the packets dropped by policy, per local pod and direction",
             dropped_bytes.clone(),
         );
+        let spoofed_packets = Counter::default();
+        registry.register(
+            "spoofed_packets",
+            "Frames from a pod's veth with a source that is not the pod's, dropped",
+            spoofed_packets.clone(),
+        );
         let cni_requests = Family::<Labels, Counter>::default();
         registry.register(
             "cni_requests",
@@ -167,6 +176,7 @@ impl Metrics {
             last_sync_failed,
             dropped_packets,
             dropped_bytes,
+            spoofed_packets,
             cni_requests,
             cni_add_seconds,
         }

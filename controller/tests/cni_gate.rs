@@ -210,6 +210,54 @@ fn connect(from: &str, addr: &str) -> String {
         .to_string()
 }
 
+/// Datagrams a UDP receiver in `pod` on `port` got while `send` ran (then 1 s more).
+fn udp_received(pod: &PodNs, port: u16, send: impl FnOnce()) -> usize {
+    use std::io::BufRead as _;
+    let listen = format!("0.0.0.0:{port}");
+    let mut receiver = helper_in(
+        &pod.0,
+        "udp-count",
+        &[
+            ("SLUICE_TEST_LISTEN", &listen),
+            ("SLUICE_TEST_SECONDS", "2"),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("udp receiver");
+    let mut lines = std::io::BufReader::new(receiver.stdout.take().expect("stdout")).lines();
+    let listening = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("HELPER-LISTENING"));
+    assert!(listening, "the UDP receiver did not start");
+    send();
+    let count = lines
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("HELPER-RECEIVED ").map(str::to_string))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the receiver's count");
+    let _ = receiver.wait();
+    count
+}
+
+/// Three UDP datagrams from `pod` with source `from`, through a raw socket.
+fn spoof(pod: &str, from: &str, to: &str) {
+    let out = helper_in(
+        pod,
+        "spoof",
+        &[("SLUICE_TEST_FROM", from), ("SLUICE_TEST_ADDR", to)],
+    )
+    .output()
+    .expect("spoof helper");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("HELPER-SENT 3"),
+        "spoof helper: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn ingress_map_has(table: &str, ip: &str) -> bool {
     block(table, "map ingress_v4").contains(&format!("{ip} :"))
 }
@@ -291,6 +339,23 @@ fn a_pod_starts_only_once_its_policy_is_in_the_kernel() {
     let target = format!("{db_ip}:8080");
     assert_eq!(connect(&web.0, &target), "connected", "web -> db");
     assert_eq!(connect(&other.0, &target), "timeout", "other -> db");
+
+    // Spoofing: `other` forges web's source address (which db's policy allows) through a raw
+    // socket. Its veth may only send from its own address, so nothing reaches db. The same
+    // from web itself, with its own address, arrives: the receiver really listens.
+    let web_ip = web.ipv4();
+    let spoofed = udp_received(&db, 9999, || {
+        spoof(&other.0, &web_ip, &format!("{db_ip}:9999"));
+    });
+    assert_eq!(spoofed, 0, "spoofed datagrams must not reach db");
+    let genuine = udp_received(&db, 9999, || {
+        spoof(&web.0, &web_ip, &format!("{db_ip}:9999"));
+    });
+    assert_eq!(genuine, 3, "web's own datagrams reach db");
+    fx.wait_metrics("the spoofed frames counted", &agent, |m| {
+        metric(m, "sluice_spoofed_packets_total", &[]).unwrap_or(0.0) >= 3.0
+    });
+
     let metrics = fx.metrics();
     assert_eq!(
         metric(

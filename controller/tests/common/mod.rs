@@ -555,8 +555,94 @@ pub fn helper_main() {
             };
             println!("HELPER-CONNECT {outcome}");
         }
+        // Count UDP datagrams to SLUICE_TEST_LISTEN for SLUICE_TEST_SECONDS; print the count.
+        Ok("udp-count") => {
+            let listen = std::env::var("SLUICE_TEST_LISTEN").expect("listen");
+            let seconds: u64 = std::env::var("SLUICE_TEST_SECONDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(2);
+            let socket = std::net::UdpSocket::bind(&listen).expect("bind udp");
+            println!("HELPER-LISTENING");
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let mut count = 0;
+            let mut buf = [0u8; 2048];
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                let _ = socket.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+                if socket.recv_from(&mut buf).is_ok() {
+                    count += 1;
+                }
+            }
+            println!("HELPER-RECEIVED {count}");
+        }
+        // Send SLUICE_TEST_COUNT UDP datagrams with a forged source (SLUICE_TEST_FROM) to
+        // SLUICE_TEST_ADDR through a raw socket that writes its own IPv4 header.
+        Ok("spoof") => {
+            let from: std::net::Ipv4Addr = std::env::var("SLUICE_TEST_FROM")
+                .expect("from")
+                .parse()
+                .expect("from");
+            let to: std::net::SocketAddrV4 = std::env::var("SLUICE_TEST_ADDR")
+                .expect("addr")
+                .parse()
+                .expect("addr");
+            let count: usize = std::env::var("SLUICE_TEST_COUNT")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(3);
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::UDP),
+            )
+            .expect("raw socket");
+            socket.set_header_included_v4(true).expect("IP_HDRINCL");
+            let packet = forged_udp(from, *to.ip(), 40000, to.port(), b"spoofed");
+            for _ in 0..count {
+                socket
+                    .send_to(&packet, &std::net::SocketAddr::V4(to).into())
+                    .expect("send spoofed");
+            }
+            println!("HELPER-SENT {count}");
+        }
         _ => {}
     }
+}
+
+/// An IPv4 + UDP packet with the given addresses (UDP checksum 0: none, valid for IPv4).
+fn forged_udp(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = Vec::with_capacity(total);
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&(total as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]); // id, DF, TTL 64, UDP, checksum
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let sum = ipv4_checksum(&p[..20]);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// One test's world: a control plane, the node's namespace with the API relayed into it, and
