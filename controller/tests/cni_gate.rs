@@ -232,9 +232,11 @@ fn udp_received(pod: &PodNs, port: u16, send: impl FnOnce()) -> usize {
         .any(|l| l.contains("HELPER-LISTENING"));
     assert!(listening, "the UDP receiver did not start");
     send();
-    let count = lines
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("HELPER-RECEIVED ").map(str::to_string))
+    // Read to the end, so the helper never writes into a closed pipe.
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let count = rest
+        .iter()
+        .find_map(|l| l.strip_prefix("HELPER-RECEIVED "))
         .and_then(|n| n.trim().parse().ok())
         .expect("the receiver's count");
     let _ = receiver.wait();
@@ -386,6 +388,49 @@ fn a_pod_starts_only_once_its_policy_is_in_the_kernel() {
     });
     let out = chain.cnitool("del", &db.0, "x", "db");
     assert!(out.status.success(), "a second DEL is fine too");
+
+    // GC: the runtime lists the attachments that are still valid (web); other's registration
+    // goes, and with it other's veth from the anti-spoofing table.
+    let bridge = || {
+        common::exec_in(
+            fx.ns.name(),
+            &["nft", "list", "set", "bridge", "sluice", "pod_ports"],
+        )
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+    };
+    let ports_before = bridge();
+    let web_attachment = Attachment {
+        container_id: cnitool_container_id(&web.0),
+        ifname: "eth0".into(),
+    };
+    assert_eq!(
+        ask(
+            &fx,
+            Request::Gc {
+                valid: vec![web_attachment.clone()]
+            }
+        ),
+        Response::ok()
+    );
+    assert_eq!(
+        ask(&fx, Request::Check(web_attachment)),
+        Response::ok(),
+        "web stays"
+    );
+    let other_attachment = Attachment {
+        container_id: cnitool_container_id(&other.0),
+        ifname: "eth0".into(),
+    };
+    assert_eq!(
+        ask(&fx, Request::Check(other_attachment)).code,
+        Some(3),
+        "other is gone"
+    );
+    fx.wait_for("one veth fewer in the anti-spoofing table", &agent, |_| {
+        bridge().matches("veth").count() + 1 == ports_before.matches("veth").count()
+    });
     let answer = ask(&fx, Request::Check(attachment));
     assert_eq!(
         answer.code,
@@ -413,7 +458,7 @@ fn without_its_policy_a_pod_does_not_start() {
     let Some(fx) = Fixture::new() else { return };
     let cp = &fx.cp;
     cp.namespace("x", "team: a");
-    let mut agent = fx.start_agent("agent");
+    let mut agent = fx.start_agent_with("agent", &["--cni-orphan-ttl", "1s"]);
     fx.wait_ready(&agent);
     let closed = Chain::new(&fx, "closed");
 
@@ -428,6 +473,29 @@ fn without_its_policy_a_pod_does_not_start() {
             && stderr.contains("not in the agent's cache")
             && stderr.contains("failMode is closed"),
         "{stderr}"
+    );
+    // The agent registered the attachment anyway (its IPs are known); with no Pod ever
+    // appearing, the registration is dropped after --cni-orphan-ttl (1 s here).
+    let ghost_attachment = Attachment {
+        container_id: cnitool_container_id(&ghost.0),
+        ifname: "eth0".into(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = ask(&fx, Request::Check(ghost_attachment.clone()));
+        if answer.code == Some(3) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphan registration was not dropped: {answer:?}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        agent.log_text().contains("never appeared"),
+        "the drop is logged"
     );
     // The runtime tears the sandbox down after a failed ADD.
     let out = closed.cnitool("del", &ghost.0, "x", "ghost");

@@ -701,6 +701,11 @@ impl Fixture {
     /// `sluice agent` as node-1 in the namespace, with the least-privilege kubeconfig, a 2 s
     /// resync and debug logs in `<state dir>/<name>.log`.
     pub fn start_agent(&self, name: &str) -> Agent {
+        self.start_agent_with(name, &[])
+    }
+
+    /// [`Fixture::start_agent`] with more flags.
+    pub fn start_agent_with(&self, name: &str, extra: &[&str]) -> Agent {
         let log = self.cp.dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("agent log");
         let file2 = file.try_clone().expect("agent log");
@@ -723,6 +728,7 @@ impl Fixture {
                 "--cni-socket",
                 &self.cni_socket().to_string_lossy(),
             ])
+            .args(extra)
             .env("NODE_NAME", NODE)
             .env("NO_COLOR", "1")
             .env(
