@@ -575,12 +575,14 @@ struct Monitor {
 const PROBE_TABLE: &str = "sluice_bench_probe";
 
 impl Monitor {
-    fn start(ns: &Netns, copy_to: Option<PathBuf>) -> Result<Monitor> {
+    fn start(ns: &Netns, copy_to: Option<PathBuf>, stderr: &Path) -> Result<Monitor> {
         let mut cmd = Command::new("nft");
         cmd.arg("monitor")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(
+                File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?,
+            );
         let mut proc = Proc::new(ns.spawn(cmd)?, "nft monitor");
         let out = proc
             .child
@@ -635,9 +637,12 @@ impl Monitor {
     }
 
     /// Waits until the monitor reports events: adds and deletes a probe table and waits for
-    /// both lines.
+    /// both lines. nft monitor first reads the whole ruleset into its cache (every element of
+    /// a big table: seconds at 50k pods), and starts that read over whenever the ruleset
+    /// changes meanwhile, so the probes come further and further apart.
     async fn wait_up(&mut self, ns: &Netns) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let started = Instant::now();
+        let mut window = Duration::from_millis(500);
         loop {
             let t0 = Instant::now();
             let mut add = Command::new("nft");
@@ -650,7 +655,7 @@ impl Monitor {
                 );
             }
             let seen = self
-                .wait_for(t0, Duration::from_millis(500), |l| {
+                .wait_for(t0, window, |l| {
                     l.trim() == format!("add table inet {PROBE_TABLE}")
                 })
                 .await;
@@ -658,15 +663,21 @@ impl Monitor {
             del.args(["delete", "table", "inet", PROBE_TABLE]);
             ns.run(del)?;
             if seen.is_some() {
-                self.wait_for(t0, Duration::from_secs(5), |l| {
+                self.wait_for(t0, Duration::from_secs(30), |l| {
                     l.trim() == format!("delete table inet {PROBE_TABLE}")
                 })
                 .await;
+                progress(format!(
+                    "nft monitor reports events (after {:.1} s)",
+                    started.elapsed().as_secs_f64()
+                ));
                 return Ok(());
             }
-            if self.proc.child.try_wait()?.is_some() || Instant::now() > deadline {
+            if self.proc.child.try_wait()?.is_some() || started.elapsed() > Duration::from_secs(300)
+            {
                 bail!("nft monitor does not report events");
             }
+            window = (window * 2).min(Duration::from_secs(20));
         }
     }
 }
@@ -1337,7 +1348,8 @@ impl Run<'_> {
             .keep_logs
             .as_ref()
             .map(|d| d.join(format!("nft-monitor-{label}.txt")));
-        let mut monitor = Monitor::start(&ns, monitor_copy)?;
+        let monitor_err = self.log_dir.join(format!("nft-monitor-{label}.err"));
+        let mut monitor = Monitor::start(&ns, monitor_copy, &monitor_err)?;
         self.rt.block_on(monitor.wait_up(&ns))?;
 
         let seen: Seen = Arc::default();
