@@ -1179,11 +1179,15 @@ struct KindReport {
     api: Option<Percentiles>,
     /// Request -> the bench's watch got the event.
     watch: Option<Percentiles>,
+    /// total - watch: the agent's share (its own watch delivery differs a little: it goes
+    /// through the relay).
+    after_watch: Option<Percentiles>,
     /// The agent's own split (its debug `synced` line), for trials with exactly one sync.
     compile: Option<Percentiles>,
     apply: Option<Percentiles>,
     /// total - watch - compile - apply: the agent's debounce and waiting, scheduling, and
-    /// nft monitor's delivery.
+    /// nft monitor's delivery, minus the part of apply after the commit (reading nft's answer,
+    /// keeping a clone of the ruleset), so it can be negative.
     rest: Option<Percentiles>,
     /// Trials whose change took more than one sync.
     multi_sync: usize,
@@ -1203,6 +1207,7 @@ fn kind_report(trials: &[Trial], kind: &str) -> KindReport {
         total: collect(&|t| t.total_ms),
         api: collect(&|t| Some(t.api_ms)),
         watch: collect(&|t| t.watch_ms),
+        after_watch: collect(&|t| Some(t.total_ms? - t.watch_ms?)),
         compile: collect(&|t| one(t).map(|s| s.compile_ms)),
         apply: collect(&|t| one(t).map(|s| s.apply_ms)),
         rest: collect(&|t| {
@@ -1579,9 +1584,10 @@ fn print_report(r: &Report) {
             );
             println!("{:<28} {}", "  request->API response", fmt_p(&k.api));
             println!("{:<28} {}", "  request->watch event", fmt_p(&k.watch));
+            println!("{:<28} {}", "  watch event->kernel", fmt_p(&k.after_watch));
             println!("{:<28} {}", "  agent compile", fmt_p(&k.compile));
             println!("{:<28} {}", "  agent apply", fmt_p(&k.apply));
-            println!("{:<28} {}", "  rest (debounce, waits)", fmt_p(&k.rest));
+            println!("{:<28} {}", "  rest (total-watch-c-a)", fmt_p(&k.rest));
         }
     }
     let base = r.clusters.iter().find(|c| c.label == "baseline");
