@@ -2,6 +2,7 @@
 
 pub mod agent_bench;
 pub mod gen;
+pub mod kubelet;
 pub mod matrix;
 pub mod netns;
 pub mod probe;
