@@ -150,8 +150,16 @@ fn registry() -> MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// `e2e/controlplane`, or the script named by `SLUICE_CONTROLPLANE` (e.g. a copy pinned while
+/// the repository's is being edited).
+fn controlplane_script() -> PathBuf {
+    std::env::var_os("SLUICE_CONTROLPLANE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("e2e/controlplane"))
+}
+
 fn controlplane_down(dir: &Path) {
-    let out = Command::new(repo_root().join("e2e/controlplane"))
+    let out = Command::new(controlplane_script())
         .arg("down")
         .env("SLUICE_CP_DIR", dir)
         .stdin(Stdio::null())
@@ -226,7 +234,7 @@ impl ControlPlane {
             kubeconfig: PathBuf::new(),
             port: 0,
         };
-        let script = repo_root().join("e2e/controlplane");
+        let script = controlplane_script();
         progress(format!("control plane up ({})", cp.dir.display()));
         let status = Command::new(&script)
             .arg("up")
@@ -1311,6 +1319,12 @@ impl Run<'_> {
             .env("NODE_NAME", &target.node)
             .env("RUST_LOG", AGENT_LOG)
             .env("NO_COLOR", "1")
+            // The CNI start gate's unix socket (agents that have one): a path of this run, not
+            // the shared default under /run/sluice.
+            .env(
+                "SLUICE_CNI_SOCKET",
+                self.log_dir.join(format!("cni-{label}.sock")),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
