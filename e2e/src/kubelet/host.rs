@@ -162,6 +162,9 @@ pub fn netns_del(host: &HostMountNs, name: &str) -> Result<()> {
     if !netns_path(name).exists() {
         return Ok(());
     }
+    if is_own_netns(name) {
+        bail!("not deleting netns {name}: this process runs in it (a node's namespace?)");
+    }
     let r = run(Command::new("nsenter")
         .arg(format!("--mount={}", host.path()))
         .args(["--", "ip", "netns", "del", name]));
@@ -172,13 +175,26 @@ pub fn netns_del(host: &HostMountNs, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Names in /run/netns starting with `prefix`.
+/// True when the named handle is the network namespace this process runs in (never deleted,
+/// whatever its name).
+pub fn is_own_netns(name: &str) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (
+        std::fs::metadata(netns_path(name)),
+        std::fs::metadata("/proc/self/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Names in /run/netns starting with `prefix`, except this process's own namespace.
 pub fn list_netns(prefix: &str) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(NETNS_DIR)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(prefix))
+                .filter(|n| n.starts_with(prefix) && !is_own_netns(n))
                 .collect()
         })
         .unwrap_or_default();

@@ -607,6 +607,16 @@ impl Kubelet {
     }
 }
 
+fn show_ports(l: &[(u16, Proto)]) -> String {
+    if l.is_empty() {
+        return "no ports".into();
+    }
+    l.iter()
+        .map(|(p, pr)| format!("{pr}/{p}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn pod_key(pod: &Pod) -> String {
     format!(
         "{}/{}",
@@ -656,8 +666,8 @@ async fn setup(
                 )
             });
         k.log(format!(
-            "{key}: hostNetwork pod: serving {:?} in the node's namespace",
-            servers.listening
+            "{key}: hostNetwork pod: serving {} in the node's namespace",
+            show_ports(&servers.listening)
         ));
         return Some(Sandbox {
             record: None,
@@ -758,8 +768,9 @@ async fn setup(
                 )
             });
     k.log(format!(
-        "{key}: serving {:?} in {}",
-        servers.listening, record.netns
+        "{key}: serving {} in {}",
+        show_ports(&servers.listening),
+        record.netns
     ));
     Some(Sandbox {
         record: Some(record),
@@ -800,6 +811,22 @@ async fn teardown(k: &Arc<Kubelet>, sb: Sandbox, key: &str) {
     drop(_name_lock);
 }
 
+/// Bounds each API request of a pod task (a hung request must not stall the pod's teardown).
+const API_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Ok(true) done, Ok(false) answered with one of `gone` (nothing to do), Err(why) to retry.
+async fn api_call<T>(
+    call: impl std::future::Future<Output = std::result::Result<T, kube::Error>>,
+    gone: &[u16],
+) -> std::result::Result<bool, String> {
+    match tokio::time::timeout(API_TIMEOUT, call).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(kube::Error::Api(s))) if gone.contains(&s.code) => Ok(false),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {API_TIMEOUT:?}")),
+    }
+}
+
 /// One Pod's life on this node.
 async fn pod_task(
     k: Arc<Kubelet>,
@@ -832,19 +859,14 @@ async fn pod_task(
                         api.clone().into_client(),
                         p.metadata.namespace.as_deref().unwrap_or("default"),
                     );
-                    match api
-                        .patch_status(
-                            &name,
-                            &PatchParams::default(),
-                            &Patch::Merge(status_patch(&want)),
-                        )
-                        .await
-                    {
-                        Ok(_) => k.log(format!(
+                    let (pp, patch) = (PatchParams::default(), Patch::Merge(status_patch(&want)));
+                    let call = api.patch_status(&name, &pp, &patch);
+                    match api_call(call, &[404]).await {
+                        Ok(true) => k.log(format!(
                             "{last_key}: status Running, podIPs {:?}",
                             want.pod_ips
                         )),
-                        Err(kube::Error::Api(s)) if s.code == 404 => {}
+                        Ok(false) => {}
                         Err(e) => {
                             k.log(format!("{last_key}: patching status: {e}; retrying"));
                             retry = Some(Duration::from_secs(1));
@@ -877,11 +899,11 @@ async fn pod_task(
                         }),
                         ..Default::default()
                     };
-                    match api.delete(&name, &dp).await {
-                        Ok(_) => k.log(format!(
+                    match api_call(api.delete(&name, &dp), &[404, 409]).await {
+                        Ok(true) => k.log(format!(
                             "{last_key}: deleted (grace period 0) after teardown"
                         )),
-                        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                        Ok(false) => {}
                         Err(e) => {
                             k.log(format!("{last_key}: final delete: {e}; retrying"));
                             retry = Some(Duration::from_secs(1));
