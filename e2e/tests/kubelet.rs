@@ -256,47 +256,83 @@ fn probe(netns: &str, ip: &str) -> (String, String) {
     .expect("probe thread")
 }
 
+/// A control plane, a node namespace with the API relayed into it, the real CNI plugins and a
+/// work dir (conf/, state/, bin/). None when the test is skipped.
+struct Lab {
+    tag: String,
+    plugin_dir: String,
+    work: PathBuf,
+    node: Netns,
+    cp: ControlPlane,
+}
+
+impl Lab {
+    fn new(name: &str, node_ip: &str) -> Option<Lab> {
+        if !nix::unistd::Uid::effective().is_root() && skip("needs root (network namespaces)") {
+            return None;
+        }
+        // The real plugins, built once per machine (about a minute the first time).
+        let build = sh(Command::new(repo_root().join("e2e/cni-plugins")).arg("build"));
+        assert!(
+            build.status.success(),
+            "e2e/cni-plugins build: {}",
+            text(&build)
+        );
+        let plugins = sh(Command::new(repo_root().join("e2e/cni-plugins")).arg("path"));
+        assert!(
+            plugins.status.success(),
+            "e2e/cni-plugins path: {}",
+            text(&plugins)
+        );
+        let plugin_dir = String::from_utf8_lossy(&plugins.stdout).trim().to_string();
+        let tag = format!("skl{}{name}", std::process::id());
+        let work = std::env::temp_dir().join(format!("sluice-kubelet-test-{tag}"));
+        let _ = std::fs::remove_dir_all(&work);
+        for d in ["conf", "state", "bin", "run"] {
+            std::fs::create_dir_all(work.join(d)).expect("dirs");
+        }
+        let cp =
+            ControlPlane::up(std::env::temp_dir().join(format!("sluice-kubelet-test-{tag}-cp")));
+        let node = Netns::new(format!("{tag}-node"));
+        node.ip("link set lo up");
+        node.ip("link add eth0 type veth peer name eth0-peer");
+        node.ip(&format!("addr add {node_ip}/24 dev eth0"));
+        node.ip("link set eth0 up");
+        relay(&node.0, cp.api_port());
+        // No controller-manager: the ServiceAccount admission needs `default` to exist.
+        let sa =
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {namespace: default, name: default}\n";
+        let o = cp.kubectl(&["apply", "-f", "-"], Some(sa));
+        assert!(o.status.success(), "kubectl apply: {}", text(&o));
+        Some(Lab {
+            tag,
+            plugin_dir,
+            work,
+            node,
+            cp,
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
 #[test]
 fn pods_get_a_namespace_an_address_servers_and_status_and_leave_nothing() {
-    if !nix::unistd::Uid::effective().is_root() && skip("needs root (network namespaces)") {
+    let Some(lab) = Lab::new("a", "198.18.0.7") else {
         return;
-    }
-    // The real plugins, built once per machine (about a minute the first time).
-    let build = sh(Command::new(repo_root().join("e2e/cni-plugins")).arg("build"));
-    assert!(
-        build.status.success(),
-        "e2e/cni-plugins build: {}",
-        text(&build)
-    );
-    let plugins = sh(Command::new(repo_root().join("e2e/cni-plugins")).arg("path"));
-    assert!(
-        plugins.status.success(),
-        "e2e/cni-plugins path: {}",
-        text(&plugins)
-    );
-    let plugin_dir = String::from_utf8_lossy(&plugins.stdout).trim().to_string();
-
-    let tag = format!("skl{}", std::process::id());
-    let work = std::env::temp_dir().join(format!("sluice-kubelet-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    for d in ["conf", "state"] {
-        std::fs::create_dir_all(work.join(d)).expect("dirs");
-    }
-    let cp = ControlPlane::up(work.join("cp"));
-
-    let node = Netns::new(format!("{tag}-node"));
-    node.ip("link set lo up");
-    node.ip("link add eth0 type veth peer name eth0-peer");
-    node.ip("addr add 198.18.0.7/24 dev eth0");
-    node.ip("link set eth0 up");
-    relay(&node.0, cp.api_port());
+    };
+    let (work, cp, node, plugin_dir, tag) =
+        (&lab.work, &lab.cp, &lab.node, &lab.plugin_dir, &lab.tag);
 
     // The chain: a recording plugin (first; ADD answers "try again", code 11, twice, as
     // sluice-cni does before the agent has the pod) then bridge + host-local. cniVersion 1.0.0,
     // so DEL gets the cached result. A later conflist must not be used (runtimes take the first
     // by file name).
     let bin = work.join("bin");
-    std::fs::create_dir_all(&bin).expect("bin dir");
     let recorder = bin.join("recorder");
     std::fs::write(&recorder, RECORDER).expect("recorder");
     ok(Command::new("chmod").arg("+x").arg(&recorder));
@@ -355,11 +391,6 @@ spec:
     - {containerPort: 5353, protocol: UDP}
     - {containerPort: 9999, protocol: SCTP}
 "#;
-    // No controller-manager: the ServiceAccount admission needs `default` to exist.
-    let sa =
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {namespace: default, name: default}\n";
-    let o = cp.kubectl(&["apply", "-f", "-"], Some(sa));
-    assert!(o.status.success(), "kubectl apply: {}", text(&o));
     let o = cp.kubectl(&["apply", "-f", "-"], Some(pod));
     assert!(o.status.success(), "kubectl apply: {}", text(&o));
     let uid = cp.pod("web").expect("pod")["metadata"]["uid"]
@@ -577,7 +608,117 @@ spec:
             std::fs::read_to_string(l).unwrap_or_default()
         );
     }
-    drop(node);
-    drop(cp);
-    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// flannel's own chain (flannel -> bridge -> host-local, then portmap; cniVersion 0.3.1, as
+/// flannel's manifest writes it), with the kubelet started by `nsenter --net` (it stays in the
+/// host's mount namespace at start): flannel's state (/var/lib/cni/flannel by default) and
+/// host-local's leases land in the node's state dir.
+#[test]
+fn flannel_chain_under_nsenter() {
+    let Some(lab) = Lab::new("f", "198.18.0.8") else {
+        return;
+    };
+    let (work, cp, node) = (&lab.work, &lab.cp, &lab.node);
+    std::fs::write(
+        work.join("run/subnet.env"),
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    )
+    .expect("subnet.env");
+    let conflist = serde_json::json!({
+        "name": "cbr0",
+        "cniVersion": "0.3.1",
+        "plugins": [
+            {
+                "type": "flannel",
+                "subnetFile": work.join("run/subnet.env"),
+                "delegate": {"hairpinMode": true, "isDefaultGateway": true}
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    });
+    std::fs::write(work.join("conf/10-flannel.conflist"), conflist.to_string()).expect("conflist");
+    let prefix = format!("{}p-", lab.tag);
+    let log_path = work.join("kubelet.log");
+    let f = std::fs::File::create(&log_path).expect("log");
+    let _kubelet = Kill(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.0))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_sluice-kubelet"))
+            .args(["--node", "n2", "--kubeconfig", &cp.kubeconfig])
+            .arg("--cni-conf-dir")
+            .arg(work.join("conf"))
+            .args(["--cni-bin-dir", &lab.plugin_dir])
+            .args(["--netns-prefix", &prefix])
+            .arg("--state-dir")
+            .arg(work.join("state"))
+            .stdout(f.try_clone().expect("log"))
+            .stderr(f)
+            .spawn()
+            .expect("sluice-kubelet"),
+    );
+    let pod = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a-pod-with-a-name-long-enough-to-be-hashed, namespace: default}
+spec:
+  nodeName: n2
+  containers:
+  - {name: c, image: none, ports: [{containerPort: 80}]}
+"#;
+    let name = "a-pod-with-a-name-long-enough-to-be-hashed";
+    let o = cp.kubectl(&["apply", "-f", "-"], Some(pod));
+    assert!(o.status.success(), "kubectl apply: {}", text(&o));
+    let p = wait_for(
+        "the pod to be Running",
+        &log_path,
+        Duration::from_secs(60),
+        || {
+            let p = cp.pod(name)?;
+            (p["status"]["phase"] == "Running").then_some(p)
+        },
+    );
+    let ip = p["status"]["podIP"].as_str().expect("podIP").to_string();
+    assert!(ip.starts_with("10.244.3."), "{}", p["status"]);
+    assert_eq!(p["status"]["hostIP"], "198.18.0.8");
+    let pod_ns = pod_netns_name(&prefix, "default", name);
+    assert!(pod_ns.len() <= 40, "{pod_ns}");
+    assert!(Path::new("/run/netns").join(&pod_ns).exists(), "{pod_ns}");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(log.contains("own mount namespace"), "{log}");
+
+    // TCP from the node: the pod's line.
+    let ns = node.0.clone();
+    let addr: SocketAddr = format!("{ip}:80").parse().expect("addr");
+    let line = std::thread::spawn(move || {
+        enter_netns(&ns).expect("netns");
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+        let mut line = String::new();
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let _ = s.read_to_string(&mut line);
+        line
+    })
+    .join()
+    .expect("probe");
+    assert_eq!(line, format!("default/{name}\n"));
+
+    // flannel's and host-local's state are this node's.
+    let uid = p["metadata"]["uid"].as_str().expect("uid").replace('-', "");
+    let flannel_state = work.join("state/var-lib-cni/flannel").join(&uid);
+    assert!(flannel_state.exists(), "{}", flannel_state.display());
+    assert!(!Path::new("/var/lib/cni/flannel").join(&uid).exists());
+    let lease = work.join("state/var-lib-cni/networks/cbr0").join(&ip);
+    assert!(lease.exists(), "{}", lease.display());
+
+    let o = cp.kubectl(&["delete", "pod", name, "--wait=false"], None);
+    assert!(o.status.success(), "kubectl delete: {}", text(&o));
+    wait_for("the pod to go", &log_path, Duration::from_secs(20), || {
+        cp.pod(name).is_none().then_some(())
+    });
+    assert!(!Path::new("/run/netns").join(&pod_ns).exists());
+    assert!(!flannel_state.exists(), "flannel's DEL ran");
+    assert!(!lease.exists(), "host-local's DEL ran");
+    eprintln!("{}", std::fs::read_to_string(&log_path).unwrap_or_default());
 }
