@@ -686,7 +686,10 @@ spec:
     assert!(pod_ns.len() <= 40, "{pod_ns}");
     assert!(Path::new("/run/netns").join(&pod_ns).exists(), "{pod_ns}");
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    assert!(log.contains("own mount namespace"), "{log}");
+    assert!(
+        log.contains("the mount namespace it was started in"),
+        "{log}"
+    );
 
     // TCP from the node: the pod's line.
     let ns = node.0.clone();

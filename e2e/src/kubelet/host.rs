@@ -83,7 +83,7 @@ pub fn host_mount_ns(explicit: Option<&Path>) -> Result<HostMountNs> {
             let file = File::open("/proc/self/ns/mnt").context("opening /proc/self/ns/mnt")?;
             Ok(HostMountNs {
                 file,
-                source: "this process's own mount namespace".into(),
+                source: "the mount namespace it was started in (its /run/netns is shared with the host)".into(),
             })
         }
         Some((_, true)) => {

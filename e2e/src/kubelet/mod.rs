@@ -535,7 +535,7 @@ impl Kubelet {
         self.startup_cleanup(&HashMap::new());
     }
 
-    fn want_status(&self, pod: &Pod, sb: &Sandbox) -> WantStatus {
+    fn want_status(&self, sb: &Sandbox) -> WantStatus {
         let pod_ips = match &sb.record {
             Some(r) => r
                 .result
@@ -544,7 +544,6 @@ impl Kubelet {
                 .unwrap_or_default(),
             None => self.host_ips.clone(),
         };
-        let _ = pod;
         WantStatus {
             pod_ips,
             host_ips: self.host_ips.clone(),
@@ -852,7 +851,7 @@ async fn pod_task(
             }
             let p = rx.borrow().clone();
             if let (Some(sb), Some(p)) = (&sandbox, p.filter(|p| wants_sandbox(Some(p)))) {
-                let want = k.want_status(&p, sb);
+                let want = k.want_status(sb);
                 if !status_matches(&p, &want) {
                     let name = p.metadata.name.clone().unwrap_or_default();
                     let api = Api::<Pod>::namespaced(
