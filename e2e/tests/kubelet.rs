@@ -76,10 +76,12 @@ struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// `e2e/controlplane`, or the script named by `SLUICE_CONTROLPLANE` (as the agent bench).
     fn script(dir: &Path, args: &[&str]) -> Output {
-        sh(Command::new(repo_root().join("e2e/controlplane"))
-            .args(args)
-            .env("SLUICE_CP_DIR", dir))
+        let script = std::env::var_os("SLUICE_CONTROLPLANE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("e2e/controlplane"));
+        sh(Command::new(script).args(args).env("SLUICE_CP_DIR", dir))
     }
 
     fn up(dir: PathBuf) -> ControlPlane {
