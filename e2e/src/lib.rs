@@ -1,6 +1,7 @@
 //! The lab: scenario files (../shared/SCENARIOS.md) run against the real kernel in network namespaces.
 
 pub mod agent_bench;
+pub mod cluster_run;
 pub mod gen;
 pub mod kubelet;
 pub mod matrix;
