@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeSet;
 
-use crate::compile::{compile_node, Compiled};
+use crate::compile::Compiled;
+use crate::incremental::Compiler;
 use crate::metrics::Metrics;
 use crate::nft::{Nft, NftError, TableState};
 use crate::watch::{self, Cluster};
@@ -231,6 +232,7 @@ async fn reconcile(
     check_bridge(&health);
 
     let mut table = Some(TableState::new(Nft::default()));
+    let mut compiler = Compiler::new();
     let mut reported = BTreeSet::new();
     let mut resync = tokio::time::interval(config.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -280,7 +282,11 @@ async fn reconcile(
         let generation = cluster.generation();
 
         let started = Instant::now();
-        let compiled = compile_and_measure(&cluster, &config.node, &metrics);
+        if full {
+            // The periodic resync also recomputes every set from scratch.
+            compiler.reset();
+        }
+        let compiled = compile_and_measure(&cluster, &config.node, &metrics, &mut compiler);
         let compile_time = started.elapsed();
         metrics
             .sync_duration
@@ -441,8 +447,15 @@ impl DropSeries {
 }
 
 /// Compile this node's ruleset and update the gauges that describe the index and the result.
-fn compile_and_measure(cluster: &Cluster, node: &str, metrics: &Metrics) -> Compiled {
-    let index = cluster.index();
+fn compile_and_measure(
+    cluster: &Cluster,
+    node: &str,
+    metrics: &Metrics,
+    compiler: &mut Compiler,
+) -> Compiled {
+    let mut index = cluster.index();
+    // Under the lock: exactly the changes this compilation sees.
+    let changes = index.take_changes();
     for direction in crate::model::Direction::ALL {
         let n = crate::compile::isolated_local_pods(&index, node, direction);
         metrics
@@ -460,7 +473,7 @@ fn compile_and_measure(cluster: &Cluster, node: &str, metrics: &Metrics) -> Comp
     metrics
         .local_pods
         .set(index.local_pods(node).count() as i64);
-    let compiled = compile_node(&index, node);
+    let compiled = compiler.compile(&index, node, &changes);
     drop(index);
     let size = compiled.ruleset.size();
     for (kind, n) in [

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -59,7 +60,9 @@ pub enum Element {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Set {
     pub kind: SetKind,
-    pub elements: BTreeSet<Element>,
+    /// Shared, not copied: a ruleset kept as "last applied" and the next compilation share
+    /// every set that did not change, so keeping and diffing them costs nothing per element.
+    pub elements: Arc<BTreeSet<Element>>,
     pub comment: String,
 }
 
@@ -272,9 +275,9 @@ fn group_chain_name(direction: Direction, policies: &[PolicyKey]) -> String {
 
 /// A peer's pods, canonical so every rule with the same peer shares one set.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct PodPeer {
-    namespaces: NamespaceScope,
-    pods: Selector,
+pub(crate) struct PodPeer {
+    pub(crate) namespaces: NamespaceScope,
+    pub(crate) pods: Selector,
 }
 
 impl PodPeer {
@@ -321,8 +324,15 @@ struct SetRequests {
     named_ports: BTreeSet<(String, Protocol, Family)>,
 }
 
-/// Compile the ruleset of `node`.
+/// Compile the ruleset of `node`, every set computed from scratch. (The agent keeps the pod
+/// sets up to date between compilations instead: [`crate::incremental::Compiler`]; both give
+/// the same ruleset.)
 pub fn compile_node(index: &Index, node: &str) -> Compiled {
+    compile_with(index, node, &mut FromScratch::new(index))
+}
+
+/// Compile the ruleset of `node`, taking the pod sets (peers, named ports) from `sets`.
+pub(crate) fn compile_with(index: &Index, node: &str, sets: &mut dyn SetSource) -> Compiled {
     let mut out = Compiled::default();
     let mut requests = SetRequests::default();
     let local: Vec<&PodInfo> = index.local_pods(node).collect();
@@ -346,7 +356,7 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
                     f,
                     Set {
                         kind: SetKind::Dispatch(f),
-                        elements: BTreeSet::new(),
+                        elements: Arc::default(),
                         comment: format!("{direction}: isolated local pod IP -> group chain"),
                     },
                 )
@@ -359,7 +369,7 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
                     f,
                     Set {
                         kind: SetKind::DropCounters(f),
-                        elements: BTreeSet::new(),
+                        elements: Arc::default(),
                         comment: format!("{direction}: isolated local pod IP -> drop counter"),
                     },
                 )
@@ -430,10 +440,11 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
                     }
                     claimed.insert(*ip, pod.key.to_string());
                     if let Some(map) = maps.get_mut(&Family::of(ip)) {
-                        map.elements.insert(Element::Jump(*ip, group.clone()));
+                        Arc::make_mut(&mut map.elements).insert(Element::Jump(*ip, group.clone()));
                     }
                     if let Some(map) = counter_maps.get_mut(&Family::of(ip)) {
-                        map.elements.insert(Element::Counter(*ip, counter.clone()));
+                        Arc::make_mut(&mut map.elements)
+                            .insert(Element::Counter(*ip, counter.clone()));
                     }
                 }
             }
@@ -466,7 +477,7 @@ pub fn compile_node(index: &Index, node: &str) -> Compiled {
         );
     }
 
-    fill_sets(index, &requests, &mut out.ruleset);
+    fill_sets(&requests, &mut out.ruleset, sets);
     out.ruleset.spoof_guard = spoof_guard(index, node, &mut out.problems);
     out
 }
@@ -700,9 +711,97 @@ fn policy_chain(policy: &PolicyInfo, direction: Direction, requests: &mut SetReq
     }
 }
 
-fn fill_sets(index: &Index, requests: &SetRequests, ruleset: &mut Ruleset) {
-    // Pods that own IPs, by namespace: a peer first picks namespaces, then matches only the pods
-    // in those, instead of every pod in the cluster.
+/// A set whose members are pods: a peer's pod IPs, or a named port's `ip . port` pairs.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum PodSetKey {
+    Peer(PodPeer, Family),
+    NamedPort(String, Protocol, Family),
+}
+
+impl PodSetKey {
+    /// The elements `pod` puts into this set (none when it is not a member). A set's elements
+    /// are exactly the union of its pods' contributions.
+    pub(crate) fn contribution(&self, index: &Index, pod: &PodInfo) -> Vec<Element> {
+        if !pod.owns_ips() {
+            return Vec::new();
+        }
+        match self {
+            PodSetKey::Peer(peer, family) => {
+                if index.namespace_matches(&peer.namespaces, &pod.key.namespace)
+                    && peer.pods.matches(&pod.labels)
+                {
+                    pod.ip(*family).map(Element::Addr).into_iter().collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            // The first declaration of a name wins, as named_port() resolves it.
+            PodSetKey::NamedPort(name, protocol, family) => match pod.named_port(name, *protocol) {
+                Some(port) => pod
+                    .ips
+                    .iter()
+                    .filter(|ip| Family::of(ip) == *family)
+                    .map(|ip| Element::AddrPort(*ip, port))
+                    .collect(),
+                None => Vec::new(),
+            },
+        }
+    }
+
+    /// Can pods of this namespace be members? (Lets a computation skip whole namespaces.)
+    pub(crate) fn namespace_may_match(&self, index: &Index, namespace: &str) -> bool {
+        match self {
+            PodSetKey::Peer(peer, _) => index.namespace_matches(&peer.namespaces, namespace),
+            PodSetKey::NamedPort(..) => true,
+        }
+    }
+
+    /// Does a namespace's labels decide membership (a namespaceSelector peer)?
+    pub(crate) fn depends_on_namespace_labels(&self) -> bool {
+        matches!(
+            self,
+            PodSetKey::Peer(
+                PodPeer {
+                    namespaces: NamespaceScope::Selected(_),
+                    ..
+                },
+                _
+            )
+        )
+    }
+
+    fn name(&self) -> String {
+        match self {
+            PodSetKey::Peer(peer, family) => peer.set_name(*family),
+            PodSetKey::NamedPort(name, protocol, family) => {
+                named_port_set_name(name, *protocol, *family)
+            }
+        }
+    }
+
+    fn set(&self, elements: Arc<BTreeSet<Element>>) -> Set {
+        match self {
+            PodSetKey::Peer(peer, family) => Set {
+                kind: SetKind::Addrs(*family),
+                elements,
+                comment: peer.describe(),
+            },
+            PodSetKey::NamedPort(name, protocol, family) => Set {
+                kind: SetKind::AddrPorts(*family),
+                elements,
+                comment: format!("named port {name}/{protocol}: pod IP . port"),
+            },
+        }
+    }
+}
+
+/// Where the pod sets' elements come from.
+pub(crate) trait SetSource {
+    fn elements(&mut self, key: &PodSetKey) -> Arc<BTreeSet<Element>>;
+}
+
+/// Pods that own IPs, by namespace: a set first picks namespaces, then looks only at their pods.
+pub(crate) fn pods_by_namespace(index: &Index) -> BTreeMap<&str, Vec<&PodInfo>> {
     let mut by_namespace: BTreeMap<&str, Vec<&PodInfo>> = BTreeMap::new();
     for pod in index.pods.values().filter(|p| p.owns_ips()) {
         by_namespace
@@ -710,32 +809,58 @@ fn fill_sets(index: &Index, requests: &SetRequests, ruleset: &mut Ruleset) {
             .or_default()
             .push(pod);
     }
-    let mut families_of: BTreeMap<&PodPeer, Vec<Family>> = BTreeMap::new();
-    for (peer, family) in &requests.peers {
-        families_of.entry(peer).or_default().push(*family);
-    }
-    for (peer, families) in families_of {
-        let members: Vec<&PodInfo> = by_namespace
-            .iter()
-            .filter(|(ns, _)| index.namespace_matches(&peer.namespaces, ns))
-            .flat_map(|(_, pods)| pods.iter().copied())
-            .filter(|p| peer.pods.matches(&p.labels))
-            .collect();
-        for family in families {
-            let elements = members
-                .iter()
-                .filter_map(|p| p.ip(family))
-                .map(Element::Addr)
-                .collect();
-            ruleset.sets.insert(
-                peer.set_name(family),
-                Set {
-                    kind: SetKind::Addrs(family),
-                    elements,
-                    comment: peer.describe(),
-                },
-            );
+    by_namespace
+}
+
+/// Every pod set computed from the index, each time.
+pub(crate) struct FromScratch<'a> {
+    index: &'a Index,
+    by_namespace: BTreeMap<&'a str, Vec<&'a PodInfo>>,
+}
+
+impl<'a> FromScratch<'a> {
+    pub(crate) fn new(index: &'a Index) -> Self {
+        Self {
+            index,
+            by_namespace: pods_by_namespace(index),
         }
+    }
+
+    /// Each member pod with what it contributes.
+    pub(crate) fn contributions(&self, key: &PodSetKey) -> Vec<(&'a PodInfo, Vec<Element>)> {
+        let index = self.index;
+        self.by_namespace
+            .iter()
+            .filter(|(ns, _)| key.namespace_may_match(index, ns))
+            .flat_map(|(_, pods)| pods.iter().copied())
+            .map(|pod| (pod, key.contribution(index, pod)))
+            .filter(|(_, c)| !c.is_empty())
+            .collect()
+    }
+}
+
+impl SetSource for FromScratch<'_> {
+    fn elements(&mut self, key: &PodSetKey) -> Arc<BTreeSet<Element>> {
+        Arc::new(
+            self.contributions(key)
+                .into_iter()
+                .flat_map(|(_, c)| c)
+                .collect(),
+        )
+    }
+}
+
+fn fill_sets(requests: &SetRequests, ruleset: &mut Ruleset, sets: &mut dyn SetSource) {
+    let keys = requests
+        .peers
+        .iter()
+        .map(|(peer, family)| PodSetKey::Peer(peer.clone(), *family))
+        .chain(requests.named_ports.iter().map(|(name, protocol, family)| {
+            PodSetKey::NamedPort(name.clone(), *protocol, *family)
+        }));
+    for key in keys {
+        let elements = sets.elements(&key);
+        ruleset.sets.insert(key.name(), key.set(elements));
     }
     for block in &requests.blocks {
         let elements = block_ranges(block)
@@ -747,44 +872,12 @@ fn fill_sets(index: &Index, requests: &SetRequests, ruleset: &mut Ruleset) {
             block_set_name(block),
             Set {
                 kind: SetKind::Ranges(block.family()),
-                elements,
+                elements: Arc::new(elements),
                 comment: if except.is_empty() {
                     format!("ipBlock {}", block.cidr)
                 } else {
                     format!("ipBlock {} except {}", block.cidr, except.join(" "))
                 },
-            },
-        );
-    }
-    let mut named: BTreeMap<&(String, Protocol, Family), BTreeSet<Element>> = requests
-        .named_ports
-        .iter()
-        .map(|k| (k, BTreeSet::new()))
-        .collect();
-    if !named.is_empty() {
-        for pod in by_namespace.values().flatten() {
-            for port in &pod.ports {
-                let Some(name) = &port.name else { continue };
-                for ip in &pod.ips {
-                    let key = (name.clone(), port.protocol, Family::of(ip));
-                    // The first declaration of a name wins, as named_port() resolves it.
-                    if pod.named_port(name, port.protocol) != Some(port.port) {
-                        continue;
-                    }
-                    if let Some(elements) = named.get_mut(&key) {
-                        elements.insert(Element::AddrPort(*ip, port.port));
-                    }
-                }
-            }
-        }
-    }
-    for ((name, protocol, family), elements) in named {
-        ruleset.sets.insert(
-            named_port_set_name(name, *protocol, *family),
-            Set {
-                kind: SetKind::AddrPorts(*family),
-                elements,
-                comment: format!("named port {name}/{protocol}: pod IP . port"),
             },
         );
     }

@@ -10,6 +10,7 @@ pub mod cni_server;
 pub mod compile;
 pub use sluice_cni::duration;
 pub mod http;
+pub mod incremental;
 pub mod install_cni;
 pub mod metrics;
 pub mod model;

@@ -5,7 +5,7 @@
 //! unknown operator) is recorded as an error on the rule it belongs to, and such a rule allows
 //! nothing. The policy still isolates what it selects, so bad input never opens traffic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -802,6 +802,19 @@ pub struct Index {
     registrations: BTreeMap<PodKey, Vec<Registration>>,
     /// The API's IPs of registered pods (their `pods` entry holds the registered IPs).
     api_ips: BTreeMap<PodKey, Vec<IpAddr>>,
+    /// What changed since [`Index::take_changes`] last ran (for the incremental compiler).
+    changes: Changes,
+}
+
+/// Pods and namespaces that changed (added, updated, removed) since the last
+/// [`Index::take_changes`]. Changes made through `Index`'s methods are recorded; writing the
+/// public maps directly is not (the from-scratch `compile_node` does not care).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub pods: BTreeSet<PodKey>,
+    pub namespaces: BTreeSet<String>,
+    /// A relist replaced a whole kind: treat everything as changed.
+    pub everything: bool,
 }
 
 impl Index {
@@ -811,12 +824,20 @@ impl Index {
         if self.namespaces.get(&ns.name) == Some(&ns) {
             return false;
         }
+        self.changes.namespaces.insert(ns.name.clone());
         self.namespaces.insert(ns.name.clone(), ns);
         true
     }
 
     pub fn delete_namespace(&mut self, name: &str) {
-        self.namespaces.remove(name);
+        if self.namespaces.remove(name).is_some() {
+            self.changes.namespaces.insert(name.to_string());
+        }
+    }
+
+    /// What changed since the previous call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
     }
 
     /// Insert or replace; `false` when nothing policy looks at changed.
@@ -828,12 +849,15 @@ impl Index {
         if self.pods.get(&pod.key) == Some(&pod) {
             return false;
         }
+        self.changes.pods.insert(pod.key.clone());
         self.pods.insert(pod.key.clone(), pod);
         true
     }
 
     pub fn delete_pod(&mut self, key: &PodKey) {
-        self.pods.remove(key);
+        if self.pods.remove(key).is_some() {
+            self.changes.pods.insert(key.clone());
+        }
         self.api_ips.remove(key);
     }
 
@@ -866,6 +890,7 @@ impl Index {
         }
         self.unregister(&registration.attachment);
         let key = registration.pod.clone();
+        self.changes.pods.insert(key.clone());
         let regs = self.registrations.entry(key.clone()).or_default();
         let first = regs.is_empty();
         regs.push(registration);
@@ -890,6 +915,7 @@ impl Index {
         else {
             return false;
         };
+        self.changes.pods.insert(key.clone());
         let regs = self.registrations.entry(key.clone()).or_default();
         regs.retain(|r| &r.attachment != attachment);
         let remaining = regs.last().map(|r| r.ips.clone());
@@ -928,11 +954,13 @@ impl Index {
     /// Replace every namespace at once (a watch relisted them).
     pub fn reset_namespaces(&mut self, all: impl IntoIterator<Item = NamespaceInfo>) {
         self.namespaces = all.into_iter().map(|n| (n.name.clone(), n)).collect();
+        self.changes.everything = true;
     }
 
     pub fn reset_pods(&mut self, all: impl IntoIterator<Item = PodInfo>) {
         self.pods.clear();
         self.api_ips.clear();
+        self.changes.everything = true;
         for pod in all {
             self.apply_pod(pod);
         }

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::compile::{
     pod_src_set, Action, Chain, ChainKind, CounterInfo, Element, Match, Rule, Ruleset, Set,
@@ -458,7 +459,11 @@ pub fn diff_script(old: &Ruleset, new: &Ruleset) -> Option<String> {
     // 2. Elements: removals first (a map entry may point at a chain removed below), then adds.
     for (name, set) in &new.sets {
         let before = old.sets.get(name).filter(|o| o.kind == set.kind);
-        let empty = BTreeSet::new();
+        // A set carried over from the previous compilation unchanged is the same allocation.
+        if before.is_some_and(|b| Arc::ptr_eq(&b.elements, &set.elements)) {
+            continue;
+        }
+        let empty = Arc::default();
         let before_elems = before.map(|o| &o.elements).unwrap_or(&empty);
         let removed: BTreeSet<Element> = before_elems.difference(&set.elements).cloned().collect();
         if !removed.is_empty() {
@@ -482,6 +487,9 @@ pub fn diff_script(old: &Ruleset, new: &Ruleset) -> Option<String> {
         let Some(before) = old.sets.get(name).filter(|o| o.kind == set.kind) else {
             continue;
         };
+        if Arc::ptr_eq(&before.elements, &set.elements) {
+            continue;
+        }
         let added: BTreeSet<Element> = set.elements.difference(&before.elements).cloned().collect();
         if !added.is_empty() {
             let _ = writeln!(
