@@ -780,16 +780,18 @@ impl Run<'_> {
                         "document {doc}: Namespace {name} is one of the cluster's own: its labels stay as applied"
                     ));
                 } else {
-                    self.namespaces.insert(name.clone());
-                    // No controller-manager: the ServiceAccount admission needs `default`.
-                    self.k
-                        .apply(&json!({"apiVersion": "v1", "kind": "ServiceAccount",
-                                       "metadata": {"namespace": name, "name": "default"}}))
-                        .map_err(err)?;
+                    self.ensure_namespace(&name).map_err(err)?;
                 }
                 return Ok(());
             }
             _ => {}
+        }
+        if !namespace.is_empty()
+            && !self.namespaces.contains(&namespace)
+            && !SYSTEM_NAMESPACES.contains(&namespace.as_str())
+        {
+            // An object in a namespace the scenario never declared (the lab takes it): make it.
+            self.ensure_namespace(&namespace).map_err(err)?;
         }
         let mut manifest = if kind == "Pod" {
             pod_manifest(value, &self.probed)
@@ -858,7 +860,17 @@ impl Run<'_> {
         let err = |e: anyhow::Error| lab(e.context(format!("document {doc} (Delete)")));
         let ns = namespace.unwrap_or_default().to_string();
         match kind {
-            "Namespace" if !SYSTEM_NAMESPACES.contains(&name) => {
+            "Namespace" if SYSTEM_NAMESPACES.contains(&name) => {
+                return Err(err(anyhow!(
+                    "Namespace {name} is one of the cluster's own: the runner does not delete it"
+                )));
+            }
+            "Node" => {
+                return Err(err(anyhow!(
+                    "Node {name} is one of the cluster's nodes: the runner does not delete nodes"
+                )));
+            }
+            "Namespace" => {
                 self.delete_namespace(name).map_err(err)?;
                 self.namespaces.remove(name);
             }
@@ -882,6 +894,29 @@ impl Run<'_> {
                     self.k.run(&args, None).map_err(err)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Takes a namespace as the scenario's (deleted at the end) and gives it the `default`
+    /// ServiceAccount (no controller-manager runs; the ServiceAccount admission needs it).
+    fn ensure_namespace(&mut self, name: &str) -> anyhow::Result<()> {
+        if self.namespaces.insert(name.to_string()) {
+            let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+            if self
+                .k
+                .run(
+                    &["get", "namespace", name, "--ignore-not-found", "-o", "name"],
+                    None,
+                )?
+                .trim()
+                .is_empty()
+            {
+                self.k.apply(&ns)?;
+            }
+            self.k
+                .apply(&json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                                 "metadata": {"namespace": name, "name": "default"}}))?;
         }
         Ok(())
     }
