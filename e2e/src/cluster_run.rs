@@ -939,7 +939,6 @@ impl Run<'_> {
         )?;
         self.pods.remove(key);
         self.live.remove(key);
-        self.services.remove(key);
         self.outside
             .remove(&("Pod".to_string(), key.namespace.clone(), key.name.clone()));
         Ok(())
