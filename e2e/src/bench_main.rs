@@ -6,7 +6,7 @@
 //! This is a benchmark, not a test: it reports numbers and target verdicts and exits 0 whether
 //! a target is met or not (non-zero only when it could not measure).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -19,7 +19,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use sluice::compile::{compile_node, ChainKind, Ruleset, SetKind, TABLE};
-use sluice::model::{Direction, Family, Index, PodInfo, PodKey, Protocol};
+use sluice::incremental::Compiler;
+use sluice::model::{Changes, Direction, Family, Index, PodInfo, PodKey, Protocol};
 use sluice::nft::{
     command_count, diff_script, remove_table_script, render, replace_script, Nft, TableState,
 };
@@ -215,6 +216,11 @@ struct Change {
     /// compile_node after the change.
     compile: Stat,
     diff_script: Stat,
+    /// The agent's incremental compiler after the same change (its sets kept from the
+    /// compilation before it), and the diff against that earlier compilation, whose unchanged
+    /// sets it shares.
+    compile_incremental: Stat,
+    diff_script_shared: Stat,
     diff_commands: usize,
     diff_bytes: usize,
     /// `add element` / `delete element` commands of the diff.
@@ -402,10 +408,12 @@ fn pod_relabelled(idx: &Index, base: &Ruleset, node: &str) -> Result<(Index, Str
     fallback.with_context(|| format!("no pod on {node} can be relabelled"))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn measure_change(
     runs: usize,
     label: &str,
     node: &str,
+    before: &Index,
     base: &Ruleset,
     after: &Index,
     what: String,
@@ -418,10 +426,54 @@ fn measure_change(
         Ok(diff_script(base, &rs))
     })?;
     let diff = diff.with_context(|| format!("{label}: the change made no difference"))?;
+
+    // The agent's way: the compiler keeps its sets; only the changed pod is looked at again.
+    progress(format!("{label}: incremental compile ({runs} runs)"));
+    let changed: BTreeSet<PodKey> = before
+        .pods
+        .keys()
+        .chain(after.pods.keys())
+        .filter(|k| before.pods.get(*k) != after.pods.get(*k))
+        .cloned()
+        .collect();
+    let changes = Changes {
+        pods: changed,
+        ..Changes::default()
+    };
+    let mut compiler = Compiler::new();
+    let everything = Changes {
+        everything: true,
+        ..Changes::default()
+    };
+    let base_kept = compiler.compile(before, node, &everything).ruleset;
+    let mut samples = Vec::with_capacity(runs);
+    let mut after_kept = None;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let compiled = compiler.compile(after, node, &changes);
+        samples.push(t.elapsed());
+        // Back to the state before the change, untimed.
+        compiler.compile(before, node, &changes);
+        after_kept.get_or_insert(compiled.ruleset);
+    }
+    let compile_incremental = stat(&samples);
+    let after_kept = after_kept.ok_or_else(|| anyhow!("{label}: no runs"))?;
+    if after_kept != rs {
+        bail!("{label}: the incremental compiler disagrees with compile_node");
+    }
+    let (diff_script_shared, shared_diff) =
+        measure(runs, &format!("{label}: diff_script, shared sets"), || {
+            Ok(diff_script(&base_kept, &after_kept))
+        })?;
+    if shared_diff.as_deref() != Some(diff.as_str()) {
+        bail!("{label}: the diff over shared sets differs from the plain diff");
+    }
     let change = Change {
         what,
         compile,
         diff_script: diff_stat,
+        compile_incremental,
+        diff_script_shared,
         diff_commands: command_count(&diff),
         diff_bytes: diff.len(),
         element_commands: diff
@@ -936,14 +988,22 @@ fn run(args: &Args) -> Result<Report> {
     let ruleset_size = size(&base, true);
 
     let (after_add, what_add) = pod_added(&idx, &cluster, &node)?;
-    let (add, add_rs, add_diff) =
-        measure_change(runs, "one-pod add", &node, &base, &after_add, what_add)?;
+    let (add, add_rs, add_diff) = measure_change(
+        runs,
+        "one-pod add",
+        &node,
+        &idx,
+        &base,
+        &after_add,
+        what_add,
+    )?;
     drop(after_add);
     let (after_relabel, what_relabel) = pod_relabelled(&idx, &base, &node)?;
     let (relabel, relabel_rs, relabel_diff) = measure_change(
         runs,
         "one-pod relabel",
         &node,
+        &idx,
         &base,
         &after_relabel,
         what_relabel,
@@ -1090,11 +1150,31 @@ fn print_table(r: &Report) {
     row("compile_node after the one-pod add", &r.add.compile, "");
     row("diff_script, one-pod add", &r.add.diff_script, "");
     row(
+        "incremental compile after the one-pod add (agent)",
+        &r.add.compile_incremental,
+        "",
+    );
+    row(
+        "diff_script, one-pod add, shared sets (agent)",
+        &r.add.diff_script_shared,
+        "",
+    );
+    row(
         "compile_node after the one-pod relabel",
         &r.relabel.compile,
         "",
     );
     row("diff_script, one-pod relabel", &r.relabel.diff_script, "");
+    row(
+        "incremental compile after the one-pod relabel (agent)",
+        &r.relabel.compile_incremental,
+        "",
+    );
+    row(
+        "diff_script, one-pod relabel, shared sets (agent)",
+        &r.relabel.diff_script_shared,
+        "",
+    );
     println!();
     let s = &r.size;
     println!(
