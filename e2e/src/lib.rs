@@ -2,6 +2,7 @@
 
 pub mod agent_bench;
 pub mod cluster_run;
+pub mod cni_bench;
 pub mod gen;
 pub mod kubelet;
 pub mod matrix;
