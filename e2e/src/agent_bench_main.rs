@@ -44,6 +44,11 @@ use sluice_e2e::agent_bench::{
 use sluice_e2e::netns::{enter_netns, in_netns};
 use sluice_e2e::synth::{SynthCluster, SynthConfig};
 
+/// `sluice-agent-bench cni` (`e2e/bench cni`): CNI ADD latency, flannel's chain alone against
+/// flannel + sluice-cni, with this binary's control plane, cluster loading and agent start.
+#[path = "agent_bench_cni.rs"]
+mod cni;
+
 const TARGET_P99_MS: f64 = 50.0;
 const TARGET_RSS_MIB: f64 = 150.0;
 /// Where the agent serves /readyz inside its namespace.
@@ -138,12 +143,15 @@ struct Registry {
     pids: Vec<i32>,
     netns: Vec<String>,
     control_planes: Vec<PathBuf>,
+    /// Directories to remove (the CNI bench's host-local lease directory).
+    dirs: Vec<PathBuf>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     pids: Vec::new(),
     netns: Vec::new(),
     control_planes: Vec::new(),
+    dirs: Vec::new(),
 });
 
 fn registry() -> MutexGuard<'static, Registry> {
@@ -207,6 +215,9 @@ fn install_signal_cleanup() -> Result<()> {
                 }
                 for dir in &reg.control_planes {
                     controlplane_down(dir);
+                }
+                for dir in &reg.dirs {
+                    let _ = std::fs::remove_dir_all(dir);
                 }
                 std::process::exit(130);
             }
@@ -1268,6 +1279,64 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// How to start the agent under test.
+struct AgentStart<'a> {
+    bin: &'a Path,
+    kubeconfig: &'a Path,
+    node: &'a str,
+    ns: &'a Netns,
+    log_path: &'a Path,
+    cni_socket: &'a Path,
+    resync: &'a str,
+    debounce: Option<&'a str>,
+}
+
+/// Spawns the agent from a thread inside the node's namespace and waits for `/readyz` 200.
+/// Returns the agent and the seconds from spawn to ready.
+fn start_agent(a: &AgentStart<'_>) -> Result<(Proc, f64)> {
+    let log_path = a.log_path;
+    let log = File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = Command::new(a.bin);
+    cmd.arg("agent")
+        .arg("--kubeconfig")
+        .arg(a.kubeconfig)
+        .args(["--listen", AGENT_LISTEN, "--resync", a.resync])
+        .env("NODE_NAME", a.node)
+        .env("RUST_LOG", AGENT_LOG)
+        .env("NO_COLOR", "1")
+        .env("SLUICE_CNI_SOCKET", a.cni_socket)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(d) = a.debounce {
+        cmd.args(["--debounce", d]);
+    }
+    progress(format!(
+        "starting the agent as {} in netns {} (log: {})",
+        a.node,
+        a.ns.name,
+        log_path.display()
+    ));
+    let started = Instant::now();
+    let mut agent = Proc::new(a.ns.spawn(cmd)?, "the agent");
+    let ready_s = loop {
+        if let Some(status) = agent.child.try_wait()? {
+            bail!(
+                "the agent exited ({status}) before it was ready; log: {}",
+                log_path.display()
+            );
+        }
+        if matches!(http_get(&a.ns.name, AGENT_LISTEN, "/readyz"), Ok((200, _))) {
+            break started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("the agent was not ready after 30 min");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok((agent, ready_s))
+}
+
 struct Run<'a> {
     args: &'a Args,
     agent_bin: &'a Path,
@@ -1309,51 +1378,18 @@ impl Run<'_> {
         let ns = Netns::create()?;
         let relay = Relay::start(&ns.name, cp.port)?;
         let log_path = self.log_dir.join(format!("agent-{label}.log"));
-        let log =
-            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = Command::new(self.agent_bin);
-        cmd.arg("agent")
-            .arg("--kubeconfig")
-            .arg(&cp.kubeconfig)
-            .args(["--listen", AGENT_LISTEN, "--resync", &self.args.resync])
-            .env("NODE_NAME", &target.node)
-            .env("RUST_LOG", AGENT_LOG)
-            .env("NO_COLOR", "1")
+        let (mut agent, ready_s) = start_agent(&AgentStart {
+            bin: self.agent_bin,
+            kubeconfig: &cp.kubeconfig,
+            node: &target.node,
+            ns: &ns,
+            log_path: &log_path,
             // The CNI start gate's unix socket (agents that have one): a path of this run, not
             // the shared default under /run/sluice.
-            .env(
-                "SLUICE_CNI_SOCKET",
-                self.log_dir.join(format!("cni-{label}.sock")),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        if let Some(d) = &self.args.debounce {
-            cmd.args(["--debounce", d]);
-        }
-        progress(format!(
-            "starting the agent as {} in netns {} (log: {})",
-            target.node,
-            ns.name,
-            log_path.display()
-        ));
-        let started = Instant::now();
-        let mut agent = Proc::new(ns.spawn(cmd)?, "the agent");
-        let ready_s = loop {
-            if let Some(status) = agent.child.try_wait()? {
-                bail!(
-                    "the agent exited ({status}) before it was ready; log: {}",
-                    log_path.display()
-                );
-            }
-            if matches!(http_get(&ns.name, AGENT_LISTEN, "/readyz"), Ok((200, _))) {
-                break started.elapsed().as_secs_f64();
-            }
-            if started.elapsed() > Duration::from_secs(1800) {
-                bail!("the agent was not ready after 30 min");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+            cni_socket: &self.log_dir.join(format!("cni-{label}.sock")),
+            resync: &self.args.resync,
+            debounce: self.args.debounce.as_deref(),
+        })?;
         let memory_at_ready = memory(agent.pid());
         progress(format!(
             "ready after {ready_s:.2} s; agent VmHWM {:.1} MiB",
@@ -1469,7 +1505,7 @@ struct Report {
     total_s: f64,
 }
 
-fn machine(agent_bin: &Path, args: &Args) -> Machine {
+fn machine(agent_bin: &Path, debounce: Option<&str>, resync: &str) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let out = |cmd: &mut Command| {
@@ -1492,13 +1528,13 @@ fn machine(agent_bin: &Path, args: &Args) -> Machine {
             .to_string(),
         nft: out(Command::new("nft").arg("--version")),
         agent: agent_bin.display().to_string(),
-        agent_debounce: args.debounce.clone().unwrap_or_else(|| {
+        agent_debounce: debounce.map(str::to_string).unwrap_or_else(|| {
             format!(
                 "{} (the agent's default)",
                 help_default(&help, "--debounce").unwrap_or_else(|| "?".into())
             )
         }),
-        agent_resync: args.resync.clone(),
+        agent_resync: resync.to_string(),
     }
 }
 
@@ -1746,13 +1782,16 @@ fn run(args: &Args) -> Result<Report> {
     }
     result?;
     Ok(Report {
-        machine: machine(&agent_bin, args),
+        machine: machine(&agent_bin, args.debounce.as_deref(), &args.resync),
         clusters,
         total_s: started.elapsed().as_secs_f64(),
     })
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("cni") {
+        return cni::main();
+    }
     let args = Args::parse();
     match run(&args) {
         Ok(report) => {
