@@ -839,7 +839,19 @@ impl Run<'_> {
                 }
             }
         }
-        self.k.apply(&manifest).map_err(err)?;
+        if let Err(e) = self.k.apply(&manifest) {
+            // The API server refuses the object (422 Invalid): the scenario is invalid here.
+            let msg = format!("{e:#}");
+            if msg.contains(" is invalid: ") {
+                return Err(invalid(
+                    scn,
+                    doc,
+                    &what,
+                    format!("the API server refuses it: {msg}"),
+                ));
+            }
+            return Err(err(e));
+        }
         if namespace.is_empty() || !self.namespaces.contains(&namespace) {
             self.outside
                 .insert((kind.to_string(), namespace, name), manifest);
