@@ -800,39 +800,75 @@ pub(crate) trait SetSource {
     fn elements(&mut self, key: &PodSetKey) -> Arc<BTreeSet<Element>>;
 }
 
-/// Pods that own IPs, by namespace: a set first picks namespaces, then looks only at their pods.
-pub(crate) fn pods_by_namespace(index: &Index) -> BTreeMap<&str, Vec<&PodInfo>> {
-    let mut by_namespace: BTreeMap<&str, Vec<&PodInfo>> = BTreeMap::new();
-    for pod in index.pods.values().filter(|p| p.owns_ips()) {
-        by_namespace
-            .entry(pod.key.namespace.as_str())
-            .or_default()
-            .push(pod);
-    }
-    by_namespace
+/// The pods of one namespace (the index is ordered by namespace, then name).
+pub(crate) fn pods_in<'a>(
+    index: &'a Index,
+    namespace: &str,
+) -> impl Iterator<Item = &'a PodInfo> + 'a {
+    let namespace = namespace.to_string();
+    index
+        .pods
+        .range(PodKey::new(namespace.clone(), String::new())..)
+        .take_while(move |(k, _)| k.namespace == namespace)
+        .map(|(_, p)| p)
 }
 
-/// Every pod set computed from the index, each time.
+/// The namespaces that have pods, each once, by jumping over each namespace's pods.
+fn namespaces_with_pods(index: &Index) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut next = index.pods.keys().next();
+    while let Some(key) = next {
+        out.push(key.namespace.as_str());
+        // "ns\0" sorts after every name in "ns" and before any other namespace.
+        let after = PodKey::new(format!("{}\0", key.namespace), String::new());
+        next = index.pods.range(after..).next().map(|(k, _)| k);
+    }
+    out
+}
+
+/// Every pod set computed from the index, each time. Looks only at the namespaces a set can
+/// draw from: its own namespace's pods for a podSelector peer, the matching namespaces' for a
+/// namespaceSelector peer.
 pub(crate) struct FromScratch<'a> {
     index: &'a Index,
-    by_namespace: BTreeMap<&'a str, Vec<&'a PodInfo>>,
+    /// Namespaces that have pods, found on the first namespaceSelector set.
+    namespaces: Option<Vec<&'a str>>,
 }
 
 impl<'a> FromScratch<'a> {
     pub(crate) fn new(index: &'a Index) -> Self {
         Self {
             index,
-            by_namespace: pods_by_namespace(index),
+            namespaces: None,
         }
     }
 
     /// Each member pod with what it contributes.
-    pub(crate) fn contributions(&self, key: &PodSetKey) -> Vec<(&'a PodInfo, Vec<Element>)> {
+    pub(crate) fn contributions(&mut self, key: &PodSetKey) -> Vec<(&'a PodInfo, Vec<Element>)> {
         let index = self.index;
-        self.by_namespace
-            .iter()
-            .filter(|(ns, _)| key.namespace_may_match(index, ns))
-            .flat_map(|(_, pods)| pods.iter().copied())
+        let candidates: Box<dyn Iterator<Item = &'a PodInfo>> = match key {
+            PodSetKey::Peer(
+                PodPeer {
+                    namespaces: NamespaceScope::Own(namespace),
+                    ..
+                },
+                _,
+            ) => Box::new(pods_in(index, namespace)),
+            PodSetKey::Peer(..) => {
+                let namespaces = self
+                    .namespaces
+                    .get_or_insert_with(|| namespaces_with_pods(index))
+                    .clone();
+                Box::new(
+                    namespaces
+                        .into_iter()
+                        .filter(move |ns| key.namespace_may_match(index, ns))
+                        .flat_map(move |ns| pods_in(index, ns)),
+                )
+            }
+            PodSetKey::NamedPort(..) => Box::new(index.pods.values()),
+        };
+        candidates
             .map(|pod| (pod, key.contribution(index, pod)))
             .filter(|(_, c)| !c.is_empty())
             .collect()

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::compile::{compile_with, Compiled, Element, FromScratch, PodSetKey, SetSource};
+use crate::compile::{compile_with, pods_in, Compiled, Element, FromScratch, PodSetKey, SetSource};
 use crate::model::{Changes, Index, PodKey};
 
 /// One kept pod set: its elements, with who contributed each (a pod may share an IP with a
@@ -118,17 +118,6 @@ impl Compiler {
             }
         }
     }
-}
-
-fn pods_in<'a>(
-    index: &'a Index,
-    namespace: &'a str,
-) -> impl Iterator<Item = &'a crate::model::PodInfo> + 'a {
-    index
-        .pods
-        .range(PodKey::new(namespace.to_string(), String::new())..)
-        .take_while(move |(k, _)| k.namespace == namespace)
-        .map(|(_, p)| p)
 }
 
 /// Kept sets for the compiler; a set asked for the first time is computed from scratch.
