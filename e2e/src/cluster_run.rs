@@ -793,6 +793,9 @@ impl Run<'_> {
             // An object in a namespace the scenario never declared (the lab takes it): make it.
             self.ensure_namespace(&namespace).map_err(err)?;
         }
+        if kind == "Pod" && SYSTEM_NAMESPACES.contains(&namespace.as_str()) {
+            self.ensure_default_sa(&namespace).map_err(err)?;
+        }
         let mut manifest = if kind == "Pod" {
             pod_manifest(value, &self.probed)
         } else {
@@ -929,6 +932,34 @@ impl Run<'_> {
             self.k
                 .apply(&json!({"apiVersion": "v1", "kind": "ServiceAccount",
                                  "metadata": {"namespace": name, "name": "default"}}))?;
+        }
+        Ok(())
+    }
+
+    /// The `default` ServiceAccount of one of the cluster's own namespaces (made when missing,
+    /// and then removed at the end).
+    fn ensure_default_sa(&mut self, ns: &str) -> anyhow::Result<()> {
+        let have = self.k.run(
+            &[
+                "get",
+                "serviceaccount",
+                "default",
+                "-n",
+                ns,
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ],
+            None,
+        )?;
+        if have.trim().is_empty() {
+            let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                            "metadata": {"namespace": ns, "name": "default"}});
+            self.k.apply(&sa)?;
+            self.outside.insert(
+                ("ServiceAccount".into(), ns.to_string(), "default".into()),
+                sa,
+            );
         }
         Ok(())
     }
