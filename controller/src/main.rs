@@ -223,7 +223,7 @@ struct AgentArgs {
     /// How long a change waits for more changes before the table is synced: a burst of
     /// API events becomes one transaction. It adds to the time from `kubectl apply` to
     /// enforcement, so keep it short. Units: ms, s, m, h.
-    #[arg(long, env = "SLUICE_DEBOUNCE", default_value = "5ms", value_parser = sluice::duration::parse)]
+    #[arg(long, env = "SLUICE_DEBOUNCE", default_value = "1ms", value_parser = sluice::duration::parse)]
     debounce: std::time::Duration,
     /// The least time between the starts of two syncs: bounds the sync rate (and the CPU
     /// spent compiling) when changes never stop; changes meanwhile coalesce into the next
