@@ -211,7 +211,7 @@ fn listen(netns: &str, port: u16, proto: Proto) -> Result<Socket> {
 }
 
 /// A socket timeout or interruption: try again (the loops check their own deadlines).
-fn transient(e: &std::io::Error) -> bool {
+pub(crate) fn transient(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::WouldBlock
@@ -231,10 +231,9 @@ fn accept_loop(sock: &Socket, stop: &AtomicBool) {
     }
 }
 
-/// Echoes datagrams. The reply carries the request's destination address as its source
-/// (IPV6_PKTINFO; v4-mapped for IPv4), so a multi-address namespace (a node, for hostNetwork
-/// pods) answers from the address that was probed and the client's connected socket accepts it.
-fn echo_loop(sock: &Socket, stop: &AtomicBool) {
+/// Echoes datagrams from the address they were sent to (IPV6_PKTINFO; v4-mapped for IPv4), so a
+/// multi-address namespace (a node, for hostNetwork pods) answers from the probed address.
+pub(crate) fn echo_loop(sock: &Socket, stop: &AtomicBool) {
     let fd = sock.as_raw_fd();
     let mut buf = vec![0u8; 65536];
     let mut cmsg_buf = nix::cmsg_space!(libc::in6_pktinfo);
@@ -250,8 +249,9 @@ fn echo_loop(sock: &Socket, stop: &AtomicBool) {
                 Ok(m) => m,
                 Err(Errno::EAGAIN | Errno::EINTR) => continue,
                 Err(_) => {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
+                    // e.g. an IPv4-only socket: plain recv_from/send_to.
+                    echo_plain(sock, stop);
+                    return;
                 }
             };
             let mut info = None;
@@ -268,7 +268,6 @@ fn echo_loop(sock: &Socket, stop: &AtomicBool) {
         let data = [IoSlice::new(&buf[..len])];
         let _ = match info {
             Some(mut pi) => {
-                // Pin the interface only where the address needs it (link-local).
                 let local = Ipv6Addr::from(pi.ipi6_addr.s6_addr);
                 if local.segments()[0] & 0xffc0 != 0xfe80 {
                     pi.ipi6_ifindex = 0;
@@ -283,6 +282,23 @@ fn echo_loop(sock: &Socket, stop: &AtomicBool) {
             }
             None => sendmsg(fd, &data, &[], MsgFlags::empty(), Some(&from)),
         };
+    }
+}
+
+fn echo_plain(sock: &Socket, stop: &AtomicBool) {
+    let udp: std::net::UdpSocket = match sock.try_clone() {
+        Ok(s) => s.into(),
+        Err(_) => return,
+    };
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        match udp.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let _ = udp.send_to(&buf[..n], from);
+            }
+            Err(e) if transient(&e) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
     }
 }
 

@@ -4,22 +4,20 @@
 //! it was sent to (what `crate::probe`'s UDP probe expects).
 
 use anyhow::{anyhow, Context, Result};
-use nix::errno::Errno;
-use nix::libc;
 use nix::sched::{setns, CloneFlags};
-use nix::sys::socket::{
-    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockaddrIn6,
-};
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::fs::File;
-use std::io::{IoSlice, IoSliceMut, Write};
+use std::io::Write;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+// The datagram echo (answering from the probed address) is the lab's: the probes that talk to
+// these servers are the same.
+use crate::probe::{echo_loop, transient};
 
 /// How often server threads look at their stop flag.
 const POLL: Duration = Duration::from_millis(100);
@@ -180,15 +178,6 @@ fn listen(netns: &File, port: u16, proto: Proto) -> Result<Socket> {
     Ok(sock)
 }
 
-fn transient(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock
-            | std::io::ErrorKind::TimedOut
-            | std::io::ErrorKind::Interrupted
-    )
-}
-
 fn accept_loop(sock: &Socket, stop: &AtomicBool, line: &[u8]) {
     while !stop.load(Ordering::Relaxed) {
         match sock.accept() {
@@ -196,77 +185,6 @@ fn accept_loop(sock: &Socket, stop: &AtomicBool, line: &[u8]) {
                 let _ = conn.set_write_timeout(Some(POLL));
                 let mut conn = conn;
                 let _ = conn.write_all(line);
-            }
-            Err(e) if transient(&e) => {}
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-}
-
-/// Echoes datagrams from the address they were sent to (IPV6_PKTINFO; v4-mapped for IPv4), so a
-/// multi-address namespace (a node, for hostNetwork pods) answers from the probed address.
-fn echo_loop(sock: &Socket, stop: &AtomicBool) {
-    let fd = sock.as_raw_fd();
-    let mut buf = vec![0u8; 65536];
-    let mut cmsg_buf = nix::cmsg_space!(libc::in6_pktinfo);
-    while !stop.load(Ordering::Relaxed) {
-        let (len, from, info) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = match recvmsg::<SockaddrIn6>(
-                fd,
-                &mut iov,
-                Some(&mut cmsg_buf),
-                MsgFlags::empty(),
-            ) {
-                Ok(m) => m,
-                Err(Errno::EAGAIN | Errno::EINTR) => continue,
-                Err(_) => {
-                    // e.g. an IPv4-only socket: plain recv_from/send_to.
-                    echo_plain(sock, stop);
-                    return;
-                }
-            };
-            let mut info = None;
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::Ipv6PacketInfo(pi) = c {
-                        info = Some(pi);
-                    }
-                }
-            }
-            let Some(from) = msg.address else { continue };
-            (msg.bytes, from, info)
-        };
-        let data = [IoSlice::new(&buf[..len])];
-        let _ = match info {
-            Some(mut pi) => {
-                let local = Ipv6Addr::from(pi.ipi6_addr.s6_addr);
-                if local.segments()[0] & 0xffc0 != 0xfe80 {
-                    pi.ipi6_ifindex = 0;
-                }
-                sendmsg(
-                    fd,
-                    &data,
-                    &[ControlMessage::Ipv6PacketInfo(&pi)],
-                    MsgFlags::empty(),
-                    Some(&from),
-                )
-            }
-            None => sendmsg(fd, &data, &[], MsgFlags::empty(), Some(&from)),
-        };
-    }
-}
-
-fn echo_plain(sock: &Socket, stop: &AtomicBool) {
-    let udp: std::net::UdpSocket = match sock.try_clone() {
-        Ok(s) => s.into(),
-        Err(_) => return,
-    };
-    let mut buf = vec![0u8; 65536];
-    while !stop.load(Ordering::Relaxed) {
-        match udp.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                let _ = udp.send_to(&buf[..n], from);
             }
             Err(e) if transient(&e) => {}
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
