@@ -9,7 +9,7 @@ use clap::Parser;
 
 use sluice_e2e::cluster_run::{self, load_cluster, stop_flag, Kubectl, Options};
 use sluice_e2e::matrix::{summary_line, Report};
-use sluice_e2e::runner::{RunError, ScenarioRun};
+use sluice_e2e::runner::{json_of, print_text, totals, FileResult, RunError};
 use sluice_e2e::scenario::{load_scenario, parse_duration};
 
 /// Run scenario files through the local cluster (e2e/cluster up): real kube-apiserver, flanneld,
@@ -55,53 +55,6 @@ struct Cli {
     /// Print machine-readable JSON instead of matrices.
     #[arg(long)]
     json: bool,
-}
-
-struct FileResult {
-    path: String,
-    outcome: Result<ScenarioRun, RunError>,
-    seconds: f64,
-}
-
-fn totals(reports: &[Report]) -> (usize, usize, usize) {
-    reports.iter().fold((0, 0, 0), |(p, f, s), r| {
-        (p + r.passed(), f + r.failed(), s + r.skipped_cells())
-    })
-}
-
-fn print_text(r: &FileResult) {
-    println!("=== {} ({:.1}s)", r.path, r.seconds);
-    match &r.outcome {
-        Ok(run) => {
-            for w in &run.warnings {
-                println!("warning: {w}");
-            }
-            for report in &run.reports {
-                print!("{}", report.render_text());
-            }
-            let (p, f, s) = totals(&run.reports);
-            println!("{}: {}", r.path, summary_line(p, f, s));
-        }
-        Err(e) => println!("error: {e}"),
-    }
-    println!();
-}
-
-fn json_of(r: &FileResult) -> serde_json::Value {
-    match &r.outcome {
-        Ok(run) => serde_json::json!({
-            "file": r.path,
-            "seconds": r.seconds,
-            "warnings": run.warnings,
-            "probes": run.reports.iter().map(Report::to_json).collect::<Vec<_>>(),
-        }),
-        Err(e) => serde_json::json!({
-            "file": r.path,
-            "seconds": r.seconds,
-            "error": e.to_string(),
-            "invalid": matches!(e, RunError::Invalid(_)),
-        }),
-    }
 }
 
 fn main() -> ExitCode {

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use sluice_e2e::gen::{generate, Size};
 use sluice_e2e::matrix::{summary_line, Report};
-use sluice_e2e::runner::{self, Options, RunError, ScenarioRun};
+use sluice_e2e::runner::{self, json_of, print_text, totals, FileResult, Options, RunError};
 use sluice_e2e::scenario::{load_scenario, parse_duration, parse_scenario, Scenario};
 
 /// The sluice lab: NetworkPolicy scenarios on the real kernel.
@@ -103,53 +103,6 @@ enum Command {
         #[arg(long)]
         check_only: bool,
     },
-}
-
-struct FileResult {
-    path: String,
-    outcome: Result<ScenarioRun, RunError>,
-    seconds: f64,
-}
-
-fn print_text(r: &FileResult) {
-    println!("=== {} ({:.1}s)", r.path, r.seconds);
-    match &r.outcome {
-        Ok(run) => {
-            for w in &run.warnings {
-                println!("warning: {w}");
-            }
-            for report in &run.reports {
-                print!("{}", report.render_text());
-            }
-            let (p, f, s) = totals(&run.reports);
-            println!("{}: {}", r.path, summary_line(p, f, s));
-        }
-        Err(e) => println!("error: {e}"),
-    }
-    println!();
-}
-
-fn totals(reports: &[Report]) -> (usize, usize, usize) {
-    reports.iter().fold((0, 0, 0), |(p, f, s), r| {
-        (p + r.passed(), f + r.failed(), s + r.skipped_cells())
-    })
-}
-
-fn json_of(r: &FileResult) -> serde_json::Value {
-    match &r.outcome {
-        Ok(run) => serde_json::json!({
-            "file": r.path,
-            "seconds": r.seconds,
-            "warnings": run.warnings,
-            "probes": run.reports.iter().map(Report::to_json).collect::<Vec<_>>(),
-        }),
-        Err(e) => serde_json::json!({
-            "file": r.path,
-            "seconds": r.seconds,
-            "error": e.to_string(),
-            "invalid": matches!(e, RunError::Invalid(_)),
-        }),
-    }
 }
 
 fn main() -> ExitCode {

@@ -17,7 +17,7 @@ use sluice::policy::allowed;
 use sluice::simulate::connection_allowed;
 use sluice::snapshot::{parse_object, NodeInfo, World};
 
-use crate::matrix::{Mark, Report};
+use crate::matrix::{summary_line, Mark, Report};
 use crate::netns::{LabNet, NodeSpec, PodSpec};
 use crate::probe::{run_probes, sctp_supported, Outcome, ProbeReq, Servers};
 use crate::scenario::{Family, ProbeSpec, Protocol, Scenario, Step, Via};
@@ -627,4 +627,54 @@ fn probe_group(
         );
     }
     Ok(reports)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporting a scenario file's run: the same for the lab (`e2e/lab`) and the cluster (`e2e/cluster run`).
+
+pub struct FileResult {
+    pub path: String,
+    pub outcome: Result<ScenarioRun, RunError>,
+    pub seconds: f64,
+}
+
+pub fn print_text(r: &FileResult) {
+    println!("=== {} ({:.1}s)", r.path, r.seconds);
+    match &r.outcome {
+        Ok(run) => {
+            for w in &run.warnings {
+                println!("warning: {w}");
+            }
+            for report in &run.reports {
+                print!("{}", report.render_text());
+            }
+            let (p, f, s) = totals(&run.reports);
+            println!("{}: {}", r.path, summary_line(p, f, s));
+        }
+        Err(e) => println!("error: {e}"),
+    }
+    println!();
+}
+
+pub fn totals(reports: &[Report]) -> (usize, usize, usize) {
+    reports.iter().fold((0, 0, 0), |(p, f, s), r| {
+        (p + r.passed(), f + r.failed(), s + r.skipped_cells())
+    })
+}
+
+pub fn json_of(r: &FileResult) -> serde_json::Value {
+    match &r.outcome {
+        Ok(run) => serde_json::json!({
+            "file": r.path,
+            "seconds": r.seconds,
+            "warnings": run.warnings,
+            "probes": run.reports.iter().map(Report::to_json).collect::<Vec<_>>(),
+        }),
+        Err(e) => serde_json::json!({
+            "file": r.path,
+            "seconds": r.seconds,
+            "error": e.to_string(),
+            "invalid": matches!(e, RunError::Invalid(_)),
+        }),
+    }
 }
