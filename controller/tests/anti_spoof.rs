@@ -14,54 +14,20 @@
 //! 802.1Q-tagged is made by rewriting the EtherType on A's egress (this kernel has no 8021q
 //! module): tagged frames hide the IP header from `ip saddr`, so the guard must drop them too.
 
+// Not every file uses every helper.
+#[allow(dead_code)]
+mod kernel;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use kernel::{is_root, nft, Netns};
 use serde_json::Value;
 use sluice::compile::{compile_node, Ruleset};
 use sluice::model::{AttachmentKey, Index, NamespaceInfo, Phase, PodInfo, Registration};
 use sluice::nft::{remove_table_script, take_spoofed, Nft, NftError, TableState};
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "sls-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip")
-            .success();
-        assert!(ok, "ip netns add {name}");
-        Netns(name)
-    }
-
-    fn nft(&self) -> Nft {
-        Nft::in_netns(&self.0)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
 
 /// `ip <args>`, which must succeed.
 fn ip(args: &[&str]) {
@@ -71,22 +37,6 @@ fn ip(args: &[&str]) {
         "ip {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// `nft <args>` in `ns`, which must succeed; its stdout.
-fn nft(ns: &Netns, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "nft"])
-        .args(args)
-        .output()
-        .expect("nft");
-    assert!(
-        out.status.success(),
-        "nft {args:?} in {}: {}",
-        ns.0,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A bash script in `ns`; its exit status does not matter (a TCP connect that nobody answers
@@ -178,9 +128,9 @@ struct Node {
 impl Node {
     fn new() -> Node {
         let n = Node {
-            node: Netns::new("node"),
-            a: Netns::new("pod-a"),
-            b: Netns::new("pod-b"),
+            node: Netns::new("sls", "node"),
+            a: Netns::new("sls", "pod-a"),
+            b: Netns::new("sls", "pod-b"),
         };
         let node = n.node.0.as_str();
         ip(&[
@@ -593,12 +543,12 @@ fn diffs_of_the_bridge_table_leave_what_a_fresh_load_gives() {
     let states = guard_states();
     let guards: Vec<usize> = states.iter().map(|rs| rs.spoof_guard.len()).collect();
     assert_eq!(guards, vec![0, 1, 2, 3, 2, 0, 1]);
-    let incremental = Netns::new("inc");
+    let incremental = Netns::new("sls", "inc");
     let mut table = TableState::new(incremental.nft());
     for (i, rs) in states.iter().enumerate() {
         let applied = table.sync(rs).unwrap_or_else(|e| panic!("state {i}: {e}"));
         assert_eq!(applied.full, i == 0, "state {i}");
-        let fresh = Netns::new("fresh");
+        let fresh = Netns::new("sls", "fresh");
         TableState::new(fresh.nft()).sync(rs).expect("fresh load");
         let state = bridge_state(&incremental);
         assert_eq!(state.is_some(), !rs.spoof_guard.is_empty(), "state {i}");
@@ -618,7 +568,7 @@ fn the_first_sync_replaces_both_tables_whatever_is_there() {
     let states = guard_states();
     // An older agent left only the inet table; a stale bridge table of ours may be there too.
     for stale_bridge in [false, true] {
-        let ns = Netns::new("repl");
+        let ns = Netns::new("sls", "repl");
         let mut old = TableState::new(ns.nft());
         let mut older = states[0].clone();
         older.spoof_guard.clear();
@@ -632,14 +582,14 @@ fn the_first_sync_replaces_both_tables_whatever_is_there() {
         assert!(table.sync(&states[2]).expect("sync").full);
         let listing = nft(&ns, &["list", "table", "bridge", "sluice"]);
         assert!(!listing.contains("stale"), "{listing}");
-        let fresh = Netns::new("fresh");
+        let fresh = Netns::new("sls", "fresh");
         TableState::new(fresh.nft())
             .sync(&states[2])
             .expect("fresh");
         assert_eq!(bridge_state(&ns), bridge_state(&fresh));
 
         // Without registrations a whole load leaves no bridge table, stale or not.
-        let ns = Netns::new("repl0");
+        let ns = Netns::new("sls", "repl0");
         if stale_bridge {
             ns.nft()
                 .apply("table bridge sluice {\n chain stale {\n type filter hook prerouting priority 0; policy drop;\n }\n}\n")
@@ -650,7 +600,7 @@ fn the_first_sync_replaces_both_tables_whatever_is_there() {
     }
 
     // Uninstall removes both tables.
-    let ns = Netns::new("rm");
+    let ns = Netns::new("sls", "rm");
     TableState::new(ns.nft()).sync(&states[2]).expect("sync");
     ns.nft().apply(&remove_table_script()).expect("remove");
     assert!(!tables(&ns).contains("sluice"), "{}", tables(&ns));
@@ -666,7 +616,7 @@ fn after_a_failed_diff_the_next_sync_replaces_both_tables() {
         return;
     }
     let states = guard_states();
-    let ns = Netns::new("fail");
+    let ns = Netns::new("sls", "fail");
     let mut table = TableState::new(ns.nft());
     table.sync(&states[1]).expect("first");
     // Someone removes the bridge table behind our back: a diff adding elements cannot apply,
@@ -678,7 +628,7 @@ fn after_a_failed_diff_the_next_sync_replaces_both_tables() {
     assert!(matches!(err, NftError::Rejected { .. }), "{err}");
     let again = table.sync(&states[2]).expect("replaced whole");
     assert!(again.full);
-    let fresh = Netns::new("fresh");
+    let fresh = Netns::new("sls", "fresh");
     TableState::new(fresh.nft())
         .sync(&states[2])
         .expect("fresh");

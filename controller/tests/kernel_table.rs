@@ -4,63 +4,19 @@
 //! The key property: applying a sequence of changes as diffs leaves exactly the table that
 //! loading the final ruleset from scratch gives.
 
+// Not every file uses every helper.
+#[allow(dead_code)]
+mod kernel;
+
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kernel::{is_root, nft, Netns};
 use serde_json::Value;
 use sluice::compile::{compile_node, Ruleset};
 use sluice::model::{policy_info, ContainerPort, Index, NamespaceInfo, Phase, PodInfo, Protocol};
 use sluice::nft::{take_counters, Nft, NftError, TableState};
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "slt-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip")
-            .success();
-        assert!(ok, "ip netns add {name}");
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-fn nft(ns: &Netns, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "nft"])
-        .args(args)
-        .output()
-        .expect("nft");
-    assert!(
-        out.status.success(),
-        "nft {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The table as the kernel has it, without handles and counter values, sets' elements sorted
 /// and rules kept in chain order: equal iff the kernel state is the same.
@@ -228,7 +184,7 @@ fn diffs_leave_exactly_the_table_a_fresh_load_gives() {
         eprintln!("skipped: needs root");
         return;
     }
-    let incremental = Netns::new("inc");
+    let incremental = Netns::new("slt", "inc");
     let mut table = TableState::new(Nft::in_netns(&incremental.0));
     for (i, idx) in states().iter().enumerate() {
         let rs: Ruleset = compile_node(idx, "node-1").ruleset;
@@ -238,7 +194,7 @@ fn diffs_leave_exactly_the_table_a_fresh_load_gives() {
             i == 0,
             "state {i}: only the first sync replaces the table"
         );
-        let fresh = Netns::new("fresh");
+        let fresh = Netns::new("slt", "fresh");
         TableState::new(Nft::in_netns(&fresh.0))
             .sync(&rs)
             .expect("fresh load");
@@ -257,7 +213,7 @@ fn the_first_sync_replaces_whatever_table_is_there() {
         eprintln!("skipped: needs root");
         return;
     }
-    let ns = Netns::new("repl");
+    let ns = Netns::new("slt", "repl");
     Nft::in_netns(&ns.0)
         .apply("table inet sluice {\n chain stale {\n type filter hook forward priority 0; policy drop;\n }\n}\n")
         .expect("stale table");
@@ -276,7 +232,7 @@ fn after_a_failed_apply_the_next_sync_replaces_the_table() {
         eprintln!("skipped: needs root");
         return;
     }
-    let ns = Netns::new("fail");
+    let ns = Netns::new("slt", "fail");
     let all = states();
     let mut table = TableState::new(Nft::in_netns(&ns.0));
     table
@@ -291,7 +247,7 @@ fn after_a_failed_apply_the_next_sync_replaces_the_table() {
     assert!(matches!(err, NftError::Rejected { .. }), "{err}");
     let again = table.sync(&next).expect("replaced whole");
     assert!(again.full);
-    let fresh = Netns::new("fresh");
+    let fresh = Netns::new("slt", "fresh");
     TableState::new(Nft::in_netns(&fresh.0))
         .sync(&next)
         .expect("fresh");
@@ -310,7 +266,7 @@ fn the_diffs_create_and_remove_counters() {
         .map(|idx| compile_node(idx, "node-1").ruleset.counters.len())
         .collect();
     assert_eq!(counts, vec![0, 1, 1, 3, 2, 2, 0]);
-    let ns = Netns::new("ctrs");
+    let ns = Netns::new("slt", "ctrs");
     let nft_ = Nft::in_netns(&ns.0);
     let mut table = TableState::new(nft_.clone());
     for idx in states() {
@@ -331,7 +287,7 @@ fn take_counters_reads_the_counters_of_the_ruleset() {
         eprintln!("skipped: needs root");
         return;
     }
-    let ns = Netns::new("take");
+    let ns = Netns::new("slt", "take");
     let nft_ = Nft::in_netns(&ns.0);
     assert_eq!(
         take_counters(&nft_).expect("no table"),
@@ -398,8 +354,8 @@ fn dropped_packets_are_counted_for_their_pod() {
     // node-1 forwards between a client (other/intruder, 10.244.2.2) on a veth and its pod
     // subnet 10.244.1.0/24 on another veth (both ends in the node; no pod answers, but the
     // forward hook comes before neighbour resolution): packets to the pods meet the hook.
-    let node = Netns::new("node");
-    let client = Netns::new("client");
+    let node = Netns::new("slt", "node");
+    let client = Netns::new("slt", "client");
     let ip = |args: &[&str]| {
         let ok = Command::new("ip")
             .args(args)
