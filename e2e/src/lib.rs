@@ -1,6 +1,7 @@
 //! The lab: scenario files (../shared/SCENARIOS.md) run against the real kernel in network namespaces.
 
 pub mod agent_bench;
+pub mod api_load;
 pub mod cluster_run;
 pub mod cni_bench;
 pub mod gen;
