@@ -190,3 +190,71 @@ impl Metrics {
         out
     }
 }
+
+/// An OpenMetrics text exposition (as [`Metrics::encode`] writes it) in the Prometheus text
+/// format 0.0.4, for readers that know only that one (`promtool check metrics` up to at least
+/// 2.42, scrapers that do not ask for OpenMetrics). The samples are the same; what differs is
+/// that a counter family is named with its `_total` there (OpenMetrics: `# TYPE x counter` and
+/// `x_total 1`; 0.0.4: `# TYPE x_total counter`), and 0.0.4 has no `# UNIT`, `# EOF` or
+/// exemplars.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("# TYPE ")?.split(' ');
+            let name = w.next()?;
+            (w.next() == Some("counter")).then_some(name)
+        })
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_at(rest.find(' ').unwrap_or(rest.len()));
+                let total = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{total}{tail}"));
+            }
+            // An exemplar follows the value after " # ".
+            None => out.push_str(line.split_once(" # ").map_or(line, |(sample, _)| sample)),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_format_names_counter_families_with_total() {
+        let m = Metrics::new();
+        m.syncs
+            .get_or_create(&vec![("result", "ok"), ("kind", "full")])
+            .inc();
+        m.policies.set(2);
+        m.programming_latency.observe(0.01);
+        let text = prometheus_text(&m.encode());
+        assert!(text.contains("# HELP sluice_syncs_total Syncs of the nftables table"));
+        assert!(text.contains("# TYPE sluice_syncs_total counter\n"));
+        assert!(text.contains("sluice_syncs_total{result=\"ok\",kind=\"full\"} 1\n"));
+        assert!(text.contains("# TYPE sluice_policies gauge\nsluice_policies 2\n"));
+        assert!(text.contains("# TYPE sluice_programming_latency_seconds histogram\n"));
+        assert!(text.contains("sluice_programming_latency_seconds_count 1\n"));
+        assert!(!text.contains("# EOF"));
+        assert_eq!(
+            prometheus_text("# TYPE x counter\n# UNIT x seconds\nx_total 1 # {a=\"b\"} 1\n# EOF\n"),
+            "# TYPE x_total counter\nx_total 1\n"
+        );
+    }
+}
