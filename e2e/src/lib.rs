@@ -2,6 +2,7 @@
 
 pub mod agent_bench;
 pub mod api_load;
+pub mod cluster_bench;
 pub mod cluster_run;
 pub mod cni_bench;
 pub mod gen;
