@@ -880,6 +880,71 @@ fn summarize(
 }
 
 // ---------------------------------------------------------------------------------------------
+// The agents' own account (their /metrics): event seen -> nft transaction, compile, apply.
+
+/// Each node's (netns, agent address) from cluster.json.
+fn agent_addresses(dir: &std::path::Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(dir.join("cluster.json")).context("cluster.json")?;
+    let v: serde_json::Value = serde_json::from_str(&text).context("cluster.json")?;
+    Ok(v["nodes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|n| {
+            Some((
+                n["netns"].as_str()?.to_string(),
+                n["agentAddress"].as_str()?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+/// The sums and counts of the agents' histograms, added over every node.
+fn agent_metrics(agents: &[(String, String)]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (netns, addr) in agents {
+        let body = sluice_e2e::netns::in_netns(netns, || -> Result<String> {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(addr.as_str())?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        });
+        let Ok(Ok(body)) = body else { continue };
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if !(name.ends_with("_sum") || name.contains("_sum{") || name.contains("_count")) {
+                continue;
+            }
+            if let Ok(v) = value.parse::<f64>() {
+                *out.entry(name.to_string()).or_insert(0.0) += v;
+            }
+        }
+    }
+    out
+}
+
+/// Mean milliseconds of a histogram between two scrapes.
+fn metric_mean_ms(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    name: &str,
+    labels: &str,
+) -> Option<(f64, f64)> {
+    let d = |suffix: &str| {
+        let k = format!("{name}_{suffix}{labels}");
+        after.get(&k).copied().unwrap_or(0.0) - before.get(&k).copied().unwrap_or(0.0)
+    };
+    let (sum, count) = (d("sum"), d("count"));
+    (count > 0.0).then(|| (sum / count * 1000.0, count))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backgrounds
 
 /// The synthetic cluster with its pods' addresses moved to 10.`second`.0.0/16 (out of the real
@@ -929,6 +994,8 @@ struct Phase {
     load: Option<LoadReport>,
     loadavg: String,
     trials: BTreeMap<Kind, Vec<Trial>>,
+    /// The agents' histograms over the trials: (name, mean ms, observations).
+    agents: Vec<(String, f64, f64)>,
 }
 
 fn phase(
@@ -958,8 +1025,31 @@ fn phase(
         None
     };
     progress(format!("{label}: trials (load average {loadavg_before})"));
+    let agents = agent_addresses(&bench.args.cluster_dir)?;
+    let before = agent_metrics(&agents);
     let trials = bench.run_all()?;
+    let after = agent_metrics(&agents);
+    let agents = [
+        (
+            "event -> nft transaction",
+            "sluice_programming_latency_seconds",
+            "",
+        ),
+        (
+            "compile",
+            "sluice_sync_duration_seconds",
+            "{phase=\"compile\"}",
+        ),
+        ("apply", "sluice_sync_duration_seconds", "{phase=\"apply\"}"),
+        ("CNI ADD", "sluice_cni_add_seconds", ""),
+    ]
+    .iter()
+    .filter_map(|(what, name, labels)| {
+        metric_mean_ms(&before, &after, name, labels).map(|(m, n)| (what.to_string(), m, n))
+    })
+    .collect();
     Ok(Phase {
+        agents,
         label: label.to_string(),
         pods: config.pods,
         policies: config.policies,
@@ -994,12 +1084,15 @@ fn print_report(args: &Args, phases: &[Phase]) {
             "## {}: {} background pods, {} background policies; load average {}",
             ph.label, ph.pods, ph.policies, ph.loadavg
         );
+        for (what, mean, n) in &ph.agents {
+            println!("agents (all nodes), {what}: mean {mean:.2} ms over {n} observations");
+        }
         if let Some(l) = &ph.load {
             println!("loaded in {:.1} s ({:.0} pods/s)", l.total_s, l.pods_per_s);
         }
         println!(
-            "{:<46} {:>4} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} | early flaps drops refused answered",
-            "measurement", "n", "p50", "p90", "p99", "max", "api p50", "ip p50"
+            "{:<46} {:>4} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>9} {:>8} | early flaps drops refused answered",
+            "measurement", "n", "p50", "p90", "p99", "max", "api p50", "-api p50", "ip p50"
         );
         for k in Kind::ALL {
             let Some(ts) = ph.trials.get(&k) else {
@@ -1007,15 +1100,21 @@ fn print_report(args: &Args, phases: &[Phase]) {
             };
             let lat: Vec<f64> = ts.iter().filter_map(|t| t.latency_ms).collect();
             let api: Vec<f64> = ts.iter().map(|t| t.api_ms).collect();
+            // What follows the API server's answer: watch delivery, the agents, the kernel.
+            let after: Vec<f64> = ts
+                .iter()
+                .filter_map(|t| t.latency_ms.map(|l| l - t.api_ms))
+                .collect();
             let ip: Vec<f64> = ts.iter().filter_map(|t| t.ip_ms).collect();
             let sum = |f: fn(&Trial) -> usize| ts.iter().map(f).sum::<usize>();
             let missing = ts.len() - lat.len();
             println!(
-                "{:<46} {:>4} {} | {:>8.2} {:>8} | {} {} {} {} {}{}",
+                "{:<46} {:>4} {} | {:>8.2} {:>9.2} {:>8} | {} {} {} {} {}{}",
                 k.title(),
                 lat.len(),
                 fmt_p(&Percentiles::of(&lat)),
                 Percentiles::of(&api).map(|p| p.p50).unwrap_or(f64::NAN),
+                Percentiles::of(&after).map(|p| p.p50).unwrap_or(f64::NAN),
                 Percentiles::of(&ip)
                     .map(|p| format!("{:.2}", p.p50))
                     .unwrap_or_else(|| "-".into()),
