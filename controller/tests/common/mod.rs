@@ -262,7 +262,8 @@ spec:
         ));
     }
 
-    /// Apply `deploy/rbac.yaml` and write a kubeconfig holding a token of its ServiceAccount
+    /// Apply `deploy/rbac.yaml` (the Helm chart's RBAC rendered, kept equal to the chart by
+    /// e2e/tests/chart.rs) and write a kubeconfig holding a token of its ServiceAccount
     /// (CA and server from the admin kubeconfig). The agents of these tests run with it.
     pub fn agent_kubeconfig(&self) -> PathBuf {
         let rbac = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml"))
@@ -332,9 +333,9 @@ current-context: sluice
             .map(String::as_str)
             .collect();
         let expected: BTreeSet<&str> = [
-            "namespaces [] [] [get list watch]",
-            "pods [] [] [get list watch]",
-            "networkpolicies.networking.k8s.io [] [] [get list watch]",
+            "namespaces [] [] [list watch]",
+            "pods [] [] [list watch]",
+            "networkpolicies.networking.k8s.io [] [] [list watch]",
         ]
         .into();
         assert_eq!(
