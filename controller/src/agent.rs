@@ -79,7 +79,7 @@ pub fn ensure_bridge_netfilter() -> Result<(), String> {
 
 /// Why the agent is not ready, if it is not.
 pub struct Health {
-    cluster: Arc<Cluster>,
+    pub(crate) cluster: Arc<Cluster>,
     bridge_problem: Mutex<Option<String>>,
     /// The error of the last sync, if it failed.
     sync_error: Mutex<Option<String>>,

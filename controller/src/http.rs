@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoints: `/healthz` (the process serves), `/readyz` (rules are in
-//! place; the reason when not), `/metrics` (OpenMetrics text).
+//! place; the reason when not), `/metrics` (OpenMetrics text), `/applied` (per watched kind,
+//! the resourceVersion up to which the API's changes are in the kernel).
 
 use std::sync::Arc;
 
@@ -32,6 +33,23 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
     }
 }
 
+/// `{"pods": "1234", "namespaces": "1200", "networkpolicies": null}`: every change the watch of
+/// that kind delivered up to that resourceVersion is in the kernel (null: nothing yet). A client
+/// that writes an object and sees its version here on every node knows the rules hold it.
+async fn applied(State(s): State<Shared>) -> impl IntoResponse {
+    let doc: serde_json::Map<String, serde_json::Value> = s
+        .health
+        .cluster
+        .applied_versions()
+        .into_iter()
+        .map(|(kind, version)| (kind.as_str().to_string(), version.into()))
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::Value::Object(doc).to_string(),
+    )
+}
+
 async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
     (
         [(
@@ -47,6 +65,7 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>, metri
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(self::metrics))
+        .route("/applied", get(applied))
         .with_state(Shared { health, metrics });
     if let Err(error) = axum::serve(listener, app).await {
         tracing::error!(%error, "the HTTP server stopped");

@@ -4,6 +4,7 @@
 //! name, and never stops the watch. Watch errors are retried with backoff, so an API outage only
 //! pauses updates: the rules last applied stay in the kernel.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -58,6 +59,30 @@ pub struct Cluster {
     /// generation `touch` returned for it.
     generation: AtomicU64,
     applied: tokio::sync::watch::Sender<u64>,
+    /// Per kind, the resourceVersions the watch has delivered, and which are in the kernel.
+    versions: Mutex<[Versions; 3]>,
+}
+
+/// The resourceVersions of one watch: each event's version waits with the generation it made
+/// (or the current one, when it changed nothing) until a sync carrying that generation commits.
+/// Then everything the API server had of this kind up to that version is enforced: the watch
+/// delivers a kind's events in order. A test can write a marker object, read its version, and
+/// wait for every node's agent to report it applied (`GET /applied`) before probing.
+#[derive(Default)]
+struct Versions {
+    waiting: VecDeque<(u64, String)>,
+    applied: Option<String>,
+}
+
+impl Versions {
+    fn release(&mut self, applied_generation: u64) {
+        while let Some((generation, _)) = self.waiting.front() {
+            if *generation > applied_generation {
+                break;
+            }
+            self.applied = self.waiting.pop_front().map(|(_, v)| v);
+        }
+    }
 }
 
 impl Default for Cluster {
@@ -69,6 +94,7 @@ impl Default for Cluster {
             pending_since: Mutex::default(),
             generation: AtomicU64::new(0),
             applied: tokio::sync::watch::Sender::new(0),
+            versions: Mutex::default(),
         }
     }
 }
@@ -131,6 +157,37 @@ impl Cluster {
             }
             newer
         });
+        let applied = *self.applied.borrow();
+        for versions in self.versions().iter_mut() {
+            versions.release(applied);
+        }
+    }
+
+    fn versions(&self) -> MutexGuard<'_, [Versions; 3]> {
+        self.versions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The watch of `kind` delivered `resource_version`, whose change (if any) has `generation`.
+    pub fn observed(&self, kind: Kind, resource_version: Option<String>, generation: u64) {
+        let Some(version) = resource_version else {
+            return;
+        };
+        let applied = *self.applied.borrow();
+        let versions = &mut self.versions()[kind.slot()];
+        versions.waiting.push_back((generation, version));
+        versions.release(applied);
+    }
+
+    /// Per kind, the resourceVersion up to which the watch's events are in the kernel (`None`
+    /// until the first one is).
+    pub fn applied_versions(&self) -> Vec<(Kind, Option<String>)> {
+        let versions = self.versions();
+        Kind::ALL
+            .into_iter()
+            .map(|k| (k, versions[k.slot()].applied.clone()))
+            .collect()
     }
 
     /// Whether every change up to `generation` is in the kernel.
@@ -265,38 +322,54 @@ impl<O: Resource, I> Sink<'_, O, I> {
     ) {
         let mut stream = std::pin::pin!(stream);
         let mut buffer: Vec<I> = Vec::new();
+        // The newest version in the initial list (its items come in no version order).
+        let mut listed_version: Option<String> = None;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(Event::Init) => buffer.clear(),
-                Ok(Event::InitApply(obj)) => buffer.extend(self.convert_logged(obj)),
+                Ok(Event::Init) => {
+                    buffer.clear();
+                    listed_version = None;
+                }
+                Ok(Event::InitApply(obj)) => {
+                    listed_version = newer_version(listed_version, version_of(&obj));
+                    buffer.extend(self.convert_logged(obj));
+                }
                 Ok(Event::InitDone) => {
                     let all = std::mem::take(&mut buffer);
                     tracing::info!(resource = self.kind.as_str(), objects = all.len(), "listed");
                     (self.reset)(self.kind, &mut self.cluster.index(), all);
                     self.cluster.mark_listed(self.kind);
-                    self.cluster.touch();
+                    let generation = self.cluster.touch();
+                    self.cluster
+                        .observed(self.kind, listed_version.take(), generation);
                 }
                 Ok(Event::Apply(obj)) => {
                     let key = key_of(&obj);
-                    match self.convert_logged(obj) {
+                    let version = version_of(&obj);
+                    let generation = match self.convert_logged(obj) {
                         Some(info) => {
                             // Most updates (conditions, container statuses) change nothing policy
                             // looks at: no sync for those.
                             let changed = (self.apply)(&mut self.cluster.index(), info);
                             if changed {
-                                self.cluster.touch();
+                                self.cluster.touch()
+                            } else {
+                                self.cluster.generation()
                             }
                         }
                         // The last good version would be stale; drop it rather than enforce it.
                         None => {
                             (self.delete)(self.kind, &mut self.cluster.index(), &key);
-                            self.cluster.touch();
+                            self.cluster.touch()
                         }
-                    }
+                    };
+                    self.cluster.observed(self.kind, version, generation);
                 }
                 Ok(Event::Delete(obj)) => {
+                    let version = version_of(&obj);
                     (self.delete)(self.kind, &mut self.cluster.index(), &key_of(&obj));
-                    self.cluster.touch();
+                    let generation = self.cluster.touch();
+                    self.cluster.observed(self.kind, version, generation);
                 }
                 Err(error) => {
                     self.metrics
@@ -311,6 +384,23 @@ impl<O: Resource, I> Sink<'_, O, I> {
                 }
             }
         }
+    }
+}
+
+fn version_of<O: Resource>(obj: &O) -> Option<String> {
+    obj.meta().resource_version.clone()
+}
+
+/// The newer of two resourceVersions. They are opaque to clients, but every API server backed
+/// by etcd writes its revision, a number; anything else keeps the latest seen.
+fn newer_version(a: Option<String>, b: Option<String>) -> Option<String> {
+    match (a, b) {
+        (Some(a), Some(b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(x), Ok(y)) if x > y => Some(a),
+            _ => Some(b),
+        },
+        (a, None) => a,
+        (None, b) => b,
     }
 }
 
@@ -378,4 +468,62 @@ pub async fn run(client: Client, cluster: Arc<Cluster>, metrics: Arc<Metrics>) {
         watch_namespaces(client.clone(), &cluster, &metrics),
         watch_dynamic::<NetworkPolicy>(client, Kind::NetworkPolicies, &cluster, &metrics),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(cluster: &Cluster, kind: Kind) -> Option<String> {
+        cluster
+            .applied_versions()
+            .into_iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, v)| v)
+    }
+
+    #[test]
+    fn a_version_is_applied_only_when_the_sync_carrying_its_change_commits() {
+        let cluster = Cluster::default();
+        let g1 = cluster.touch();
+        cluster.observed(Kind::Pods, Some("10".into()), g1);
+        assert_eq!(applied(&cluster, Kind::Pods), None);
+        let g2 = cluster.touch();
+        cluster.observed(Kind::Pods, Some("11".into()), g2);
+        cluster.mark_applied(g1);
+        assert_eq!(applied(&cluster, Kind::Pods).as_deref(), Some("10"));
+        cluster.mark_applied(g2);
+        assert_eq!(applied(&cluster, Kind::Pods).as_deref(), Some("11"));
+        // The other kinds saw nothing.
+        assert_eq!(applied(&cluster, Kind::NetworkPolicies), None);
+    }
+
+    #[test]
+    fn an_event_that_changes_nothing_waits_only_for_the_pending_sync() {
+        let cluster = Cluster::default();
+        let g = cluster.touch();
+        cluster.mark_applied(g);
+        // Nothing pending: applied at once.
+        cluster.observed(Kind::Namespaces, Some("20".into()), cluster.generation());
+        assert_eq!(applied(&cluster, Kind::Namespaces).as_deref(), Some("20"));
+        // A change is pending: an unchanged event after it waits for that sync.
+        let pending = cluster.touch();
+        cluster.observed(Kind::Pods, Some("21".into()), pending);
+        cluster.observed(Kind::Namespaces, Some("22".into()), cluster.generation());
+        assert_eq!(applied(&cluster, Kind::Namespaces).as_deref(), Some("20"));
+        cluster.mark_applied(pending);
+        assert_eq!(applied(&cluster, Kind::Namespaces).as_deref(), Some("22"));
+        assert_eq!(applied(&cluster, Kind::Pods).as_deref(), Some("21"));
+    }
+
+    #[test]
+    fn the_newest_listed_version_wins_whatever_the_order() {
+        let v = |s: &str| Some(s.to_string());
+        assert_eq!(newer_version(v("9"), v("10")), v("10"));
+        assert_eq!(newer_version(v("10"), v("9")), v("10"));
+        assert_eq!(newer_version(None, v("3")), v("3"));
+        assert_eq!(newer_version(v("3"), None), v("3"));
+        // Not numbers: the latest seen.
+        assert_eq!(newer_version(v("b"), v("a")), v("a"));
+    }
 }

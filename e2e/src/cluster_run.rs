@@ -93,6 +93,8 @@ pub struct ClusterNode {
     pub netns: String,
     /// The kubelet's `--netns-prefix`.
     pub pod_netns_prefix: String,
+    /// The agent's HTTP address (`host:port`), when cluster.json says.
+    pub agent_address: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -126,6 +128,7 @@ pub fn parse_cluster(text: &str) -> Result<Cluster, String> {
             ClusterNode {
                 netns: f("netns")?,
                 pod_netns_prefix: f("podNetnsPrefix")?,
+                agent_address: s(n, "agentAddress").ok(),
             },
         );
     }
@@ -445,6 +448,104 @@ pub fn converge(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Enforcement barrier: before a Probe, wait until every node's agent has the API's latest state
+// in its kernel, so that a probe never passes on the rules of before the last change.
+
+/// The runner's own namespace for its marker objects (kept between runs: without a
+/// controller-manager a deleted namespace is never finalized).
+pub const BARRIER_NAMESPACE: &str = "sluice-cluster-run";
+
+/// One object of each kind the agents watch, with `mark` in an annotation: applying it makes
+/// one event per watch. The policy selects no pod; the pod is bound to no node.
+pub fn barrier_manifest(mark: &str) -> Value {
+    let meta = |name: &str| {
+        json!({"name": name, "namespace": BARRIER_NAMESPACE,
+               "annotations": {"sluice-cluster-run/barrier": mark}})
+    };
+    json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": BARRIER_NAMESPACE,
+                      "annotations": {"sluice-cluster-run/barrier": mark}}},
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "default", "namespace": BARRIER_NAMESPACE}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": meta("barrier"),
+         "spec": {"automountServiceAccountToken": false,
+                  "containers": [{"name": "barrier", "image": "registry.k8s.io/pause:3.10"}]}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta("barrier"),
+         "spec": {"podSelector": {"matchLabels": {"sluice-cluster-run/selects": "nothing"}},
+                  "policyTypes": ["Ingress"]}},
+    ]})
+}
+
+/// The agents' `/applied` names of the watched kinds, by the kind of object.
+fn watched_resource(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Namespace" => Some("namespaces"),
+        "Pod" => Some("pods"),
+        "NetworkPolicy" => Some("networkpolicies"),
+        _ => None,
+    }
+}
+
+/// Per watched resource, the resourceVersion `kubectl apply -o json` of a barrier List gave.
+pub fn barrier_versions(applied: &Value) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+    let items = applied["items"]
+        .as_array()
+        .context("kubectl apply -o json: no items")?;
+    let mut out = BTreeMap::new();
+    for item in items {
+        let Some(resource) = item["kind"].as_str().and_then(watched_resource) else {
+            continue;
+        };
+        let version = item["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("{resource}: no numeric resourceVersion"))?;
+        out.insert(resource, version);
+    }
+    if out.len() != 3 {
+        bail!("kubectl apply -o json: expected a namespace, a pod and a policy, got {out:?}");
+    }
+    Ok(out)
+}
+
+/// The resources an agent's `/applied` document has not yet reached (empty: all reached).
+/// The versions are etcd revisions: numbers, comparable (a test harness may rely on that).
+pub fn lagging(doc: &Value, wanted: &BTreeMap<&'static str, u64>) -> Vec<&'static str> {
+    wanted
+        .iter()
+        .filter(|(resource, want)| {
+            doc[**resource]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_none_or(|have| have < **want)
+        })
+        .map(|(resource, _)| *resource)
+        .collect()
+}
+
+/// GET `path` from `addr` (plain HTTP/1.0); the status and the body.
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let sock: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .with_context(|| format!("reading {addr}{path}"))?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("{addr}{path}: not HTTP"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_string()))
+}
+
+// ---------------------------------------------------------------------------------------------
 // kubectl
 
 pub struct Kubectl {
@@ -713,6 +814,76 @@ impl Run<'_> {
     fn warn(&mut self, w: String) {
         if !self.warnings.contains(&w) {
             self.warnings.push(w);
+        }
+    }
+
+    /// Waits until every node's agent has applied the API's state as of now (a fresh barrier
+    /// write, see [`barrier_manifest`]), bounded by `--converge`: the probes that follow see the
+    /// rules of the last change, never those of before. Past the bound it warns and goes on
+    /// (the probes then tell whether it mattered).
+    fn wait_enforced(&mut self) -> anyhow::Result<()> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let t0 = Instant::now();
+        let mark = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = self.k.run(
+            &["apply", "-o", "json", "-f", "-"],
+            Some(&barrier_manifest(&mark).to_string()),
+        )?;
+        let wanted =
+            barrier_versions(&serde_json::from_str(&out).context("kubectl apply -o json")?)?;
+        let cluster: &Cluster = self.cluster;
+        let mut waiting: Vec<(&String, &String)> = cluster
+            .nodes
+            .iter()
+            .filter_map(|(name, n)| n.agent_address.as_ref().map(|a| (name, a)))
+            .collect();
+        if waiting.is_empty() {
+            self.warn(
+                "cluster.json names no agent addresses: probes are retried, not held until enforced"
+                    .to_string(),
+            );
+            return Ok(());
+        }
+        let nodes = waiting.len();
+        let mut last = String::new();
+        loop {
+            waiting.retain(|(node, addr)| {
+                let behind = match http_get(addr, "/applied", Duration::from_secs(1)) {
+                    Ok((200, body)) => match serde_json::from_str::<Value>(&body) {
+                        Ok(doc) => lagging(&doc, &wanted)
+                            .iter()
+                            .map(|r| r.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        Err(e) => format!("/applied is not JSON: {e}"),
+                    },
+                    Ok((status, _)) => format!("/applied answered {status}"),
+                    Err(e) => format!("{e:#}"),
+                };
+                if !behind.is_empty() {
+                    last = format!("{node}: {behind}");
+                }
+                !behind.is_empty()
+            });
+            if waiting.is_empty() {
+                self.say(format!(
+                    "enforced on all {nodes} nodes {:.0}ms after the barrier write",
+                    t0.elapsed().as_secs_f64() * 1000.0
+                ));
+                return Ok(());
+            }
+            if t0.elapsed() >= self.opts.converge {
+                self.warn(format!(
+                    "not every agent had applied the latest changes after {:?} (last: {last}); probed anyway",
+                    self.opts.converge
+                ));
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -1312,6 +1483,8 @@ impl Run<'_> {
         let cluster_ips = self
             .ensure_services(&svc_targets)
             .map_err(|e| lab(e.context("probe Services")))?;
+        self.wait_enforced()
+            .map_err(|e| lab(e.context("waiting for the agents")))?;
 
         // What each probe connects: (probe, from, to, family, request).
         struct Attempt {
@@ -1743,6 +1916,40 @@ mod tests {
             r.observe(f, t, vec![(Family::V4, *ok)], None);
         }
         r
+    }
+
+    #[test]
+    fn the_barrier_waits_for_every_watched_resource() {
+        let applied = json!({"items": [
+            {"kind": "Namespace", "metadata": {"resourceVersion": "100"}},
+            {"kind": "ServiceAccount", "metadata": {"resourceVersion": "99"}},
+            {"kind": "Pod", "metadata": {"resourceVersion": "101"}},
+            {"kind": "NetworkPolicy", "metadata": {"resourceVersion": "102"}},
+        ]});
+        let wanted = barrier_versions(&applied).unwrap();
+        assert_eq!(
+            wanted,
+            BTreeMap::from([("namespaces", 100), ("pods", 101), ("networkpolicies", 102)])
+        );
+        let agent = json!({"namespaces": "100", "pods": "150", "networkpolicies": "101"});
+        assert_eq!(lagging(&agent, &wanted), vec!["networkpolicies"]);
+        let nothing_yet = json!({"namespaces": null, "pods": "101", "networkpolicies": "102"});
+        assert_eq!(lagging(&nothing_yet, &wanted), vec!["namespaces"]);
+        let caught_up = json!({"namespaces": "120", "pods": "101", "networkpolicies": "130"});
+        assert!(lagging(&caught_up, &wanted).is_empty());
+        // The manifest carries one object of each watched kind, marked.
+        let m = barrier_manifest("7");
+        let kinds: Vec<&str> = m["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["kind"].as_str())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["Namespace", "ServiceAccount", "Pod", "NetworkPolicy"]
+        );
+        assert!(barrier_versions(&json!({"items": []})).is_err());
     }
 
     #[test]
