@@ -10,7 +10,7 @@ use clap::Parser;
 use sluice_e2e::cluster_run::{self, load_cluster, stop_flag, Kubectl, Options};
 use sluice_e2e::matrix::{summary_line, Report};
 use sluice_e2e::runner::{json_of, print_text, totals, FileResult, RunError};
-use sluice_e2e::scenario::{load_scenario, parse_duration};
+use sluice_e2e::scenario::{load_scenario, parse_duration, Family, Scenario, Step, Via};
 
 /// Run scenario files through the local cluster (e2e/cluster up): real kube-apiserver, flanneld,
 /// kube-proxy, sluice agents and the sluice-kubelet stand-in.
@@ -52,9 +52,25 @@ struct Cli {
     /// Connections tried at once.
     #[arg(long, default_value_t = 256)]
     parallelism: usize,
+    /// Send every IPv4 probe through a ClusterIP Service per target pod and kube-proxy, as if
+    /// each said `via: service`: the same files prove policy on the path most traffic takes.
+    /// IPv6 probes stay direct (the cluster's service CIDR is IPv4 only).
+    #[arg(long)]
+    via_service: bool,
     /// Print machine-readable JSON instead of matrices.
     #[arg(long)]
     json: bool,
+}
+
+/// `--via-service`: every probe that may use IPv4 goes through a Service.
+fn route_via_service(scn: &mut Scenario) {
+    for step in &mut scn.steps {
+        if let Step::Probe { spec, .. } = step {
+            if spec.family != Some(Family::IPv6) {
+                spec.via = Via::Service;
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -103,7 +119,12 @@ fn main() -> ExitCode {
         let started = Instant::now();
         let outcome = load_scenario(path)
             .map_err(|e| RunError::Invalid(e.to_string()))
-            .and_then(|scn| cluster_run::run(&scn, &kubectl, &cluster, &opts, &stop));
+            .and_then(|mut scn| {
+                if cli.via_service {
+                    route_via_service(&mut scn);
+                }
+                cluster_run::run(&scn, &kubectl, &cluster, &opts, &stop)
+            });
         let result = FileResult {
             path: display,
             outcome,
