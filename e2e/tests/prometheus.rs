@@ -7,7 +7,9 @@
 //! local cluster has no DaemonSet pods (each agent is a process in its node's network namespace,
 //! listening on the node's underlay address, `nodes[].agentAddress`), so the Prometheus config
 //! has one static target per node: the node's address with the annotation's port and path, what
-//! the usual `kubernetes_sd_configs` pod relabeling makes of a hostNetwork agent pod.
+//! the usual `kubernetes_sd_configs` pod relabeling makes of a hostNetwork agent pod. (Debian's
+//! build of Prometheus 2.42 has no Kubernetes service discovery at all: a `kubernetes_sd_configs`
+//! is refused as an unknown field.)
 //!
 //! Also `promtool check metrics` on each agent's exposition.
 //!
