@@ -157,7 +157,8 @@ async fn kube_client(config: &Config) -> Result<kube::Client, AgentError> {
     kube::Client::try_from(kube_config).map_err(AgentError::Client)
 }
 
-/// Remove the table (uninstall). Removing a table that is not there is not an error.
+/// Remove both tables, `inet sluice` and the anti-spoofing `bridge sluice` (uninstall), in one
+/// transaction. Removing a table that is not there is not an error.
 pub fn cleanup(nft: &Nft) -> Result<(), AgentError> {
     nft.apply(&crate::nft::remove_table_script())
         .map_err(AgentError::Cleanup)

@@ -130,6 +130,10 @@ struct InstallCniArgs {
     /// Remove the conflist this command wrote and the sluice-cni binary, then exit.
     #[arg(long, conflicts_with = "once")]
     uninstall: bool,
+    /// On SIGTERM, do what --uninstall does before exiting (the chart's
+    /// `uninstall.cleanupOnExit`: every stop, an upgrade's too, then unchains sluice-cni).
+    #[arg(long, conflicts_with_all = ["once", "uninstall"])]
+    uninstall_on_exit: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -189,6 +193,14 @@ fn install_cni(args: InstallCniArgs) -> Result<ExitCode, String> {
             stop.load(std::sync::atomic::Ordering::Relaxed)
         })
         .map_err(|e| e.to_string())?;
+    if args.uninstall_on_exit {
+        installer.uninstall().map_err(|e| e.to_string())?;
+        tracing::info!(
+            "stopping (--uninstall-on-exit): removed {} and sluice-cni; flannel's chain alone is in use",
+            installer.our_conflist().display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     tracing::info!("stopping; the chained conflist stays in place");
     Ok(ExitCode::SUCCESS)
 }
@@ -243,17 +255,22 @@ struct AgentArgs {
     /// A CNI registration whose Pod never appears in the API is dropped after this long.
     #[arg(long, env = "SLUICE_CNI_ORPHAN_TTL", default_value = "2m", value_parser = sluice::duration::parse)]
     cni_orphan_ttl: std::time::Duration,
-    /// Remove `table inet sluice` from this network namespace and exit (uninstall): pods are
-    /// no longer isolated afterwards.
+    /// Remove `table inet sluice` and the anti-spoofing `table bridge sluice` from this network
+    /// namespace and exit (uninstall): pods are no longer isolated afterwards.
     #[arg(long)]
     cleanup: bool,
+    /// On SIGTERM, do what --cleanup does before exiting (the chart's
+    /// `uninstall.cleanupOnExit`): the node is no longer enforced after every stop, an
+    /// upgrade's too, until the next agent's first sync.
+    #[arg(long, conflicts_with = "cleanup")]
+    cleanup_on_exit: bool,
 }
 
 fn agent(args: AgentArgs) -> Result<ExitCode, String> {
     init_logging();
     if args.cleanup {
         sluice::agent::cleanup(&sluice::nft::Nft::default()).map_err(|e| e.to_string())?;
-        tracing::info!("removed table inet sluice");
+        tracing::info!("removed table inet sluice and table bridge sluice");
         return Ok(ExitCode::SUCCESS);
     }
     let node = args
@@ -280,6 +297,12 @@ fn agent(args: AgentArgs) -> Result<ExitCode, String> {
     runtime
         .block_on(sluice::agent::run(config))
         .map_err(|e| e.to_string())?;
+    if args.cleanup_on_exit {
+        sluice::agent::cleanup(&sluice::nft::Nft::default()).map_err(|e| e.to_string())?;
+        tracing::info!(
+            "stopping (--cleanup-on-exit): removed table inet sluice and table bridge sluice"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
