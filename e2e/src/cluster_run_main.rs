@@ -66,7 +66,7 @@ struct Cli {
 fn route_via_service(scn: &mut Scenario) {
     for step in &mut scn.steps {
         if let Step::Probe { spec, .. } = step {
-            if spec.family != Some(Family::IPv6) {
+            if spec.family != Some(Family::V6) {
                 spec.via = Via::Service;
             }
         }
