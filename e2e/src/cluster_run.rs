@@ -871,7 +871,8 @@ impl Run<'_> {
             });
             if waiting.is_empty() {
                 self.say(format!(
-                    "enforced on all {nodes} nodes {:.0}ms after the barrier write",
+                    "the agents on all {nodes} nodes have the latest changes in the kernel \
+                     ({:.0}ms, barrier write included)",
                     t0.elapsed().as_secs_f64() * 1000.0
                 ));
                 return Ok(());
