@@ -954,19 +954,38 @@ fn deny(ctx: &Ctx) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+        // (address, protocol) -> (pod, how many, first, last, what it said)
+        type Through<'a> =
+            BTreeMap<(SocketAddrV4, Kind), (&'a str, usize, Instant, Instant, String)>;
+        let mut through: Through = BTreeMap::new();
         for a in &log.attempts {
             let (addr, kind) = log.target(a);
             if let Out::Connected(said) = &a.out {
                 let theirs = pod_ips.get(addr.ip()).map(|(n, _)| *n);
                 if theirs.is_some() || said.starts_with(&format!("{dns}/")) {
-                    failures.push(format!(
-                        "{} connected to {addr} ({kind:?}, pod {}) at {} (answer {said:?})",
-                        log.netns,
+                    let e = through.entry((addr, kind)).or_insert((
                         theirs.unwrap_or("?"),
-                        ms(t0, a.start)
+                        0,
+                        a.start,
+                        a.start,
+                        said.clone(),
                     ));
+                    e.1 += 1;
+                    e.3 = a.start;
                 }
             }
+        }
+        for ((addr, kind), (pod, n, first, last, said)) in through {
+            let running = pod_ips
+                .get(addr.ip())
+                .map(|(_, r)| ms(t0, *r))
+                .unwrap_or_default();
+            failures.push(format!(
+                "{}: {n} {kind:?} connection(s) to {addr} (pod {pod}, Running {running}) from {} to {} (answer {said:?})",
+                log.netns,
+                ms(t0, first),
+                ms(t0, last)
+            ));
         }
         // The probe ran: every new pod's address probed after it was Running, and dropped.
         for (ip, (name, running)) in &pod_ips {
