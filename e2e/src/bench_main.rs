@@ -28,6 +28,8 @@ use sluice::policy::allowed;
 use sluice_e2e::netns::{in_netns, install_signal_cleanup, LabNet};
 use sluice_e2e::synth::{SynthCluster, SynthConfig};
 
+mod scale_bench;
+
 const TARGET_COMPILE_MS: f64 = 100.0;
 const TARGET_LOAD_MS: f64 = 1000.0;
 const TARGET_CHANGE_MS: f64 = 10.0;
@@ -1348,6 +1350,9 @@ fn print_table(r: &Report) {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("scale") {
+        return scale_bench::main();
+    }
     let args = Args::parse();
     match run(&args) {
         Ok(report) => {
