@@ -5,6 +5,7 @@ pub mod api_load;
 pub mod cluster_bench;
 pub mod cluster_run;
 pub mod cni_bench;
+pub mod dataplane_bench;
 pub mod gen;
 pub mod kubelet;
 pub mod matrix;
