@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
@@ -42,7 +42,8 @@ use sluice_e2e::agent_bench::{
     help_default, parse_synced, status_kib, Expect, Percentiles, Synced,
 };
 use sluice_e2e::api_load::{created, each, kube_client, load_cluster, retry, LoadReport};
-use sluice_e2e::netns::{enter_netns, in_netns};
+use sluice_e2e::netns::{in_netns, spawn_listener_in_netns};
+use sluice_e2e::probe;
 use sluice_e2e::synth::{SynthCluster, SynthConfig};
 
 /// `sluice-agent-bench cni` (`e2e/bench cni`): CNI ADD latency, flannel's chain alone against
@@ -363,26 +364,16 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
 impl Relay {
     fn start(netns: &str, port: u16) -> Result<Relay> {
         let (conn_tx, conn_rx) = std::sync::mpsc::channel::<TcpStream>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let stop = Arc::new(AtomicBool::new(false));
         let (ns, stop2) = (netns.to_string(), stop.clone());
-        let accept = std::thread::Builder::new()
-            .name("relay-accept".into())
-            .spawn(move || {
-                let bound = enter_netns(&ns).and_then(|()| {
-                    TcpListener::bind(("127.0.0.1", port))
-                        .with_context(|| format!("binding 127.0.0.1:{port} in {ns}"))
-                });
-                let listener = match bound {
-                    Ok(l) => {
-                        let _ = ready_tx.send(Ok(()));
-                        l
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
+        let accept = spawn_listener_in_netns(
+            netns,
+            "relay-accept",
+            move || {
+                TcpListener::bind(("127.0.0.1", port))
+                    .with_context(|| format!("binding 127.0.0.1:{port} in {ns}"))
+            },
+            move |listener| {
                 for conn in listener.incoming() {
                     if stop2.load(Ordering::Acquire) {
                         break;
@@ -393,11 +384,8 @@ impl Relay {
                         }
                     }
                 }
-            })
-            .context("spawning the relay")?;
-        ready_rx
-            .recv()
-            .map_err(|_| anyhow!("the relay thread died"))??;
+            },
+        )?;
         std::thread::Builder::new()
             .name("relay-connect".into())
             .spawn(move || {
@@ -436,23 +424,10 @@ impl Drop for Relay {
     }
 }
 
-/// Status code and body of a GET inside the namespace.
+/// Status code and body of a GET inside the namespace (`probe::http_get`, 5 s timeouts).
 fn http_get(netns: &str, addr: &str, path: &str) -> Result<(u16, String)> {
-    let addr: std::net::SocketAddr = addr.parse().context("address")?;
-    let path = path.to_string();
-    in_netns(netns, move || -> Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("no HTTP status")?;
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        Ok((status, body.to_string()))
+    in_netns(netns, || {
+        probe::http_get(addr, path, Duration::from_secs(5))
     })?
 }
 

@@ -904,16 +904,10 @@ fn agent_addresses(dir: &std::path::Path) -> Result<Vec<(String, String)>> {
 fn agent_metrics(agents: &[(String, String)]) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for (netns, addr) in agents {
-        let body = sluice_e2e::netns::in_netns(netns, || -> Result<String> {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect(addr.as_str())?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok(body)
+        let got = sluice_e2e::netns::in_netns(netns, || {
+            sluice_e2e::probe::http_get(addr, "/metrics", Duration::from_secs(5))
         });
-        let Ok(Ok(body)) = body else { continue };
+        let Ok(Ok((_, body))) = got else { continue };
         for line in body.lines().filter(|l| !l.starts_with('#')) {
             let Some((name, value)) = line.rsplit_once(' ') else {
                 continue;

@@ -36,6 +36,7 @@ use sluice::snapshot::{parse_object, World};
 
 use crate::kubelet::{fnv1a64, pod_netns_name};
 use crate::matrix::{Mark, Report};
+pub use crate::probe::http_get;
 use crate::probe::{run_probes, sctp_supported, Outcome, ProbeReq, Servers};
 use crate::runner::{validate, RunError, ScenarioRun};
 use crate::scenario::{Family, ProbeSpec, Protocol, Scenario, Step, Via};
@@ -522,27 +523,6 @@ pub fn lagging(doc: &Value, wanted: &BTreeMap<&'static str, u64>) -> Vec<&'stati
         })
         .map(|(resource, _)| *resource)
         .collect()
-}
-
-/// GET `path` from `addr` (plain HTTP/1.0); the status and the body.
-pub fn http_get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let sock: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .with_context(|| format!("reading {addr}{path}"))?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("{addr}{path}: not HTTP"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok((status, body.to_string()))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -223,6 +223,42 @@ where
     })
 }
 
+/// Spawns a thread named `name` that enters the named network namespace, runs `bind` there and,
+/// if it succeeds, `serve` with the listener (the thread ends when `serve` returns). Waits for
+/// the bind: its error (or entering the namespace's) is returned, else the thread's handle.
+pub fn spawn_listener_in_netns<B, S>(
+    netns: &str,
+    name: &str,
+    bind: B,
+    serve: S,
+) -> Result<std::thread::JoinHandle<()>>
+where
+    B: FnOnce() -> Result<std::net::TcpListener> + Send + 'static,
+    S: FnOnce(std::net::TcpListener) + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+    let ns = netns.to_string();
+    let handle = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let listener = match enter_netns(&ns).and_then(|()| bind()) {
+                Ok(l) => {
+                    let _ = tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            serve(listener);
+        })
+        .with_context(|| format!("spawning thread {name}"))?;
+    rx.recv()
+        .map_err(|_| anyhow!("thread {name} (netns {netns}) died before it listened"))??;
+    Ok(handle)
+}
+
 /// Writes `/proc/sys/<key>` (key like `net/ipv4/ip_forward`) inside the named namespace.
 fn set_sysctls(netns: &str, required: &[(&str, &str)], optional: &[(&str, &str)]) -> Result<()> {
     in_netns(netns, || -> Result<()> {

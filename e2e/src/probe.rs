@@ -471,3 +471,82 @@ fn udp_probe(to: SocketAddr, timeout: Duration, token: u64) -> Outcome {
         }
     }
 }
+
+/// GET `path` from `addr` (`host:port`; plain HTTP/1.0, `Connection: close`): the status and the
+/// body. `timeout` bounds the connect and each read and write. The response is read as bytes
+/// (invalid UTF-8 is replaced); one without the blank line that ends the head is an error.
+/// Runs in the calling thread's network namespace (wrap it in [`crate::netns::in_netns`] for
+/// another).
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let sock: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)
+        .with_context(|| format!("GET {addr}{path}: connecting"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
+    .with_context(|| format!("GET {addr}{path}: writing"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("GET {addr}{path}: reading"))?;
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("GET {addr}{path}: no HTTP response"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {addr}{path}: bad status line"))?;
+    Ok((status, body.to_string()))
+}
+
+#[cfg(test)]
+mod http_tests {
+    use super::http_get;
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// Serves one connection with `response`; the request head it got.
+    fn serve_once(response: &'static [u8]) -> (String, std::thread::JoinHandle<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let h = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "request cut short");
+                req.extend_from_slice(&buf[..n]);
+            }
+            c.write_all(response).unwrap();
+            String::from_utf8(req).unwrap()
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn status_and_body() {
+        let (addr, h) = serve_once(b"HTTP/1.0 503 Service Unavailable\r\nX: y\r\n\r\nnot \xffyet");
+        let (status, body) = http_get(&addr, "/readyz", Duration::from_secs(5)).unwrap();
+        assert_eq!(status, 503);
+        assert_eq!(body, "not \u{fffd}yet");
+        let req = h.join().unwrap();
+        assert!(req.starts_with("GET /readyz HTTP/1.0\r\n"), "{req}");
+        assert!(req.contains(&format!("\r\nHost: {addr}\r\n")), "{req}");
+    }
+
+    #[test]
+    fn not_http() {
+        let (addr, h) = serve_once(b"HTTP/1.0 200 OK\r\n");
+        let e = http_get(&addr, "/x", Duration::from_secs(5)).unwrap_err();
+        assert!(format!("{e:#}").contains("no HTTP response"), "{e:#}");
+        h.join().unwrap();
+        assert!(http_get("nowhere", "/x", Duration::from_secs(1)).is_err());
+    }
+}

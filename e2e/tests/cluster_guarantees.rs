@@ -46,7 +46,7 @@ use socket2::{Domain, Protocol as SockProto, SockAddr, Socket, Type};
 
 use sluice_e2e::cluster_run::{load_cluster, pod_manifest, Kubectl};
 use sluice_e2e::kubelet::pod_netns_name;
-use sluice_e2e::netns::enter_netns;
+use sluice_e2e::netns::{enter_netns, spawn_listener_in_netns};
 use sluice_e2e::probe::{run_probes, Outcome, ProbeReq, Proto};
 use sluice_e2e::scenario::Protocol;
 
@@ -1286,24 +1286,13 @@ struct EchoServer {
 impl EchoServer {
     fn start(netns: &str, port: u16) -> Result<EchoServer> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (s2, ns) = (stop.clone(), netns.to_string());
-        let handle = std::thread::spawn(move || {
-            let listener = enter_netns(&ns).and_then(|()| {
-                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            });
-            let listener = match listener {
-                Ok(l) => {
-                    let _ = tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
+        let s2 = stop.clone();
+        let bind = move || -> Result<TcpListener> {
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        let serve = move |listener: TcpListener| {
             while !s2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut c, _)) => {
@@ -1334,8 +1323,9 @@ impl EchoServer {
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
-        });
-        rx.recv().context("echo server thread")??;
+        };
+        let handle = spawn_listener_in_netns(netns, "echo-server", bind, serve)
+            .context("echo server thread")?;
         Ok(EchoServer {
             stop,
             handle: Some(handle),

@@ -17,8 +17,8 @@
 //! chart or prometheus fails instead.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice::metrics::prometheus_text;
-use sluice_e2e::cluster_run::load_cluster;
+use sluice_e2e::cluster_run::{load_cluster, Kubectl};
+use sluice_e2e::probe;
 
 /// How long Prometheus may take to see a change (the scrape interval is 1 s; generous for a
 /// loaded machine: this bounds a wait, it is not what the test measures).
@@ -64,8 +65,7 @@ struct Node {
 }
 
 struct Cluster {
-    kubectl: PathBuf,
-    kubeconfig: PathBuf,
+    k: Kubectl,
     nodes: Vec<Node>,
 }
 
@@ -87,43 +87,15 @@ fn load(dir: &Path) -> Result<Cluster, String> {
         return Err(format!("{}: no nodes", path.display()));
     }
     Ok(Cluster {
-        kubectl: base.kubectl,
-        kubeconfig: base.kubeconfig,
+        k: Kubectl::new(&base),
         nodes,
     })
 }
 
 impl Cluster {
+    /// `Kubectl::run`, its error as text.
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-        let mut cmd = Command::new(&self.kubectl);
-        cmd.arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("kubectl: {e}"))?;
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().expect("piped stdin");
-            pipe.write_all(input.as_bytes())
-                .map_err(|e| format!("kubectl stdin: {e}"))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("kubectl: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "kubectl {}: {}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        self.k.run(args, stdin).map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -197,29 +169,9 @@ fn prometheus_config(scrape: &Scrape, nodes: &[Node]) -> Value {
 // ---------------------------------------------------------------------------------------------
 // HTTP (plain, to loopback and the underlay)
 
+/// `probe::http_get` with 10 s timeouts, its error as text.
 fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("GET {addr}{path}: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| format!("GET {addr}{path}: {e}"))?;
-    let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("GET {addr}{path}: no HTTP response"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("GET {addr}{path}: bad status line"))?;
-    Ok((status, body.to_string()))
+    probe::http_get(&addr.to_string(), path, Duration::from_secs(10)).map_err(|e| format!("{e:#}"))
 }
 
 fn url_encode(s: &str) -> String {
