@@ -220,20 +220,141 @@ fn fmt_value(metric: Metric, v: f64) -> String {
     }
 }
 
-/// A Markdown table for one sweep point: per pair and metric, each configuration's median and
-/// its relative performance to `baseline` (1.00 = as good; see [`Metric::relative`]).
-pub fn table(summary: &Summary, policies: usize, configs: &[String], baseline: &str) -> String {
+/// Whether `iptables-save` output holds, in its `filter` table, only what kube-router's policy
+/// controller leaves behind after `kube-router --cleanup-config` (v2.1.0 removes the jumps from
+/// the base chains but not its `KUBE-*` chains): base chains and `KUBE-*` chains, and base-chain
+/// rules that only jump to `KUBE-*` chains. Such a table can be deleted whole. Also true when
+/// there is no `filter` table.
+pub fn filter_table_is_kube_routers_only(iptables_save: &str) -> bool {
+    let mut in_filter = false;
+    for line in iptables_save.lines() {
+        if let Some(table) = line.strip_prefix('*') {
+            in_filter = table == "filter";
+            continue;
+        }
+        if !in_filter || line == "COMMIT" || line.starts_with('#') {
+            continue;
+        }
+        if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split_whitespace().next().unwrap_or("");
+            if !matches!(chain, "INPUT" | "FORWARD" | "OUTPUT") && !chain.starts_with("KUBE-") {
+                return false;
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or("");
+            let jumps_to_kube = rule
+                .split_once(" -j ")
+                .is_some_and(|(_, target)| target.starts_with("KUBE-"));
+            if !chain.starts_with("KUBE-") && !jumps_to_kube {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The configurations, in the default order of a round.
+///
+/// - `a`: no engine on the plain cluster;
+/// - `b`: sluice with no policy on the plain cluster;
+/// - `a-loaded`: no engine on the loaded cluster (sluice's agents stopped, its tables deleted,
+///   kube-router stopped and cleaned up);
+/// - `c`: sluice on the loaded cluster (background + the measured pods' policies);
+/// - `kube-router`: kube-router's policy controller on the loaded cluster, same policies.
+pub const CONFIGS: [&str; 5] = ["a", "b", "a-loaded", "c", "kube-router"];
+
+/// Whether `config` runs on the loaded cluster (otherwise on the plain one).
+pub fn on_loaded_cluster(config: &str) -> bool {
+    !matches!(config, "a" | "b")
+}
+
+/// The configuration `config` is compared with: the no-engine run on the same cluster in the
+/// same round, so that a ratio never mixes two clusters. `a-loaded` is compared with `a`: that
+/// ratio is how much the two clusters differ without any engine. `a` has none.
+pub fn baseline_of(config: &str) -> Option<&'static str> {
+    match config {
+        "a" => None,
+        "b" | "a-loaded" => Some("a"),
+        _ => Some("a-loaded"),
+    }
+}
+
+/// The per-round relative performance of `config` to `base` (see [`Metric::relative`]), over the
+/// rounds where both were measured at this sweep point: both ran in the same round, a few
+/// seconds apart, so the ratio is free of the slower drift between rounds.
+pub fn paired_ratios(
+    samples: &[Sample],
+    policies: usize,
+    pair: &str,
+    metric: Metric,
+    config: &str,
+    base: &str,
+) -> Vec<f64> {
+    let of = |c: &str| -> BTreeMap<usize, f64> {
+        samples
+            .iter()
+            .filter(|s| {
+                s.policies == policies && s.pair == pair && s.metric == metric && s.config == c
+            })
+            .map(|s| (s.round, s.value))
+            .collect()
+    };
+    let bases = of(base);
+    of(config)
+        .into_iter()
+        .filter_map(|(round, v)| metric.relative(v, *bases.get(&round)?))
+        .collect()
+}
+
+/// One ratio cell: the ratio of the medians, and the range of the per-round paired ratios when
+/// there are two rounds or more.
+fn ratio_cell(
+    summary: &Summary,
+    samples: &[Sample],
+    key: (usize, &str, Metric),
+    c: &str,
+) -> String {
+    let (n, pair, metric) = key;
+    let Some(base) = baseline_of(c) else {
+        return " – |".into();
+    };
+    let get = |c: &str| summary.get(&(n, pair.to_string(), metric, c.to_string()));
+    let rel = match (get(c), get(base)) {
+        (Some((v, _)), Some((b, _))) => metric.relative(*v, *b),
+        _ => None,
+    };
+    let per_round = paired_ratios(samples, n, pair, metric, c, base);
+    let lo = per_round.iter().copied().reduce(f64::min);
+    let hi = per_round.iter().copied().reduce(f64::max);
+    match (rel, lo, hi) {
+        (Some(r), Some(lo), Some(hi)) if per_round.len() >= 2 => {
+            format!(" {r:.3} ({lo:.2}–{hi:.2}) |")
+        }
+        (Some(r), ..) => format!(" {r:.3} |"),
+        _ => " – |".into(),
+    }
+}
+
+/// A Markdown table for one sweep point: per pair and metric, each configuration's median, then
+/// each configuration's relative performance to its [`baseline_of`] (1.000 = as good; see
+/// [`Metric::relative`]) as the ratio of the medians with the range of the per-round paired
+/// ratios in parentheses.
+pub fn table(summary: &Summary, samples: &[Sample], policies: usize, configs: &[String]) -> String {
+    let compared: Vec<&String> = configs
+        .iter()
+        .filter(|c| baseline_of(c).is_some_and(|b| configs.iter().any(|x| x == b)))
+        .collect();
     let mut out = String::new();
     let _ = write!(out, "| pair | metric |");
     for c in configs {
         let _ = write!(out, " ({c}) |");
     }
-    for c in configs.iter().filter(|c| c.as_str() != baseline) {
-        let _ = write!(out, " ({c}) vs ({baseline}) |");
+    for c in &compared {
+        let _ = write!(out, " ({c}) vs ({}) |", baseline_of(c).unwrap_or("-"));
     }
     out.push('\n');
     let _ = write!(out, "|---|---|");
-    for _ in 0..(configs.len() * 2 - 1) {
+    for _ in 0..(configs.len() + compared.len()) {
         out.push_str("---:|");
     }
     out.push('\n');
@@ -249,17 +370,8 @@ pub fn table(summary: &Summary, policies: usize, configs: &[String], baseline: &
                     None => out.push_str(" – |"),
                 }
             }
-            for c in configs.iter().filter(|c| c.as_str() != baseline) {
-                let rel = match (get(c), get(baseline)) {
-                    (Some((v, _)), Some((b, _))) => metric.relative(*v, *b),
-                    _ => None,
-                };
-                match rel {
-                    Some(r) => {
-                        let _ = write!(out, " {r:.3} |");
-                    }
-                    None => out.push_str(" – |"),
-                }
+            for c in &compared {
+                out.push_str(&ratio_cell(summary, samples, (policies, pair, metric), c));
             }
             out.push('\n');
         }
@@ -267,37 +379,32 @@ pub fn table(summary: &Summary, policies: usize, configs: &[String], baseline: &
     out
 }
 
-/// A Markdown table over the sweep: per pair and metric, `config`'s relative performance (see
-/// [`Metric::relative`]) to each of `baselines` at every policy count.
-pub fn sweep_table(
-    summary: &Summary,
-    points: &[usize],
-    config: &str,
-    baselines: &[&str],
-) -> String {
+/// A Markdown table over the sweep: per pair and metric, each of `configs`' relative performance
+/// to its [`baseline_of`] (see [`Metric::relative`]) at every policy count.
+pub fn sweep_table(summary: &Summary, points: &[usize], configs: &[&str]) -> String {
     let mut out = String::from("| pair | metric |");
-    for b in baselines {
+    for c in configs {
         for n in points {
-            let _ = write!(out, " ({config}) vs ({b}), {n} |");
+            let _ = write!(out, " ({c}) vs ({}), {n} |", baseline_of(c).unwrap_or("-"));
         }
     }
     out.push_str("\n|---|---|");
-    for _ in 0..baselines.len() * points.len() {
+    for _ in 0..configs.len() * points.len() {
         out.push_str("---:|");
     }
     out.push('\n');
     for pair in ["same-node", "cross-node"] {
         for metric in Metric::ALL {
             let _ = write!(out, "| {pair} | {} |", metric.label());
-            for b in baselines {
+            for c in configs {
                 for &n in points {
                     let get = |c: &str| {
                         summary
                             .get(&(n, pair.to_string(), metric, c.to_string()))
                             .map(|(v, _)| *v)
                     };
-                    match get(config)
-                        .zip(get(b))
+                    match baseline_of(c)
+                        .and_then(|b| get(c).zip(get(b)))
                         .and_then(|(v, base)| metric.relative(v, base))
                     {
                         Some(r) => {
@@ -361,14 +468,108 @@ mod tests {
         };
         assert_eq!(sum[&key("a")], (1100.0, 3));
         assert_eq!(sum[&key("c")], (990.0, 3));
-        let t = table(&sum, 1000, &["a".into(), "c".into()], "a");
+        let t = table(&sum, &samples, 1000, &["a".into(), "b".into()]);
         assert!(
-            t.contains("| same-node | new connections/s | 1100 | 990 | 0.900 |"),
+            t.contains("| same-node | new connections/s | 1100 | – | – |"),
+            "{t}"
+        );
+        let samples: Vec<Sample> = samples
+            .into_iter()
+            .map(|mut x| {
+                if x.config == "c" {
+                    x.config = "b".into();
+                }
+                x
+            })
+            .collect();
+        let sum = summarize(&samples);
+        let t = table(&sum, &samples, 1000, &["a".into(), "b".into()]);
+        // Ratio of the medians 990/1100; per round 0.990, 0.871, 0.455.
+        assert!(
+            t.contains("| same-node | new connections/s | 1100 | 990 | 0.900 (0.45–0.99) |"),
             "{t}"
         );
         assert!(
             t.contains("| cross-node | new connections/s | – | – | – |"),
             "{t}"
+        );
+    }
+
+    #[test]
+    fn only_kube_routers_leftovers_make_the_filter_table_deletable() {
+        let left = "# Generated by iptables-save\n*filter\n:INPUT ACCEPT [1:2]\n:FORWARD ACCEPT [0:0]\n\
+                    :OUTPUT ACCEPT [3:4]\n:KUBE-NWPLCY-23W6 - [0:0]\n:KUBE-POD-FW-AB - [0:0]\n\
+                    -A KUBE-POD-FW-AB -j KUBE-NWPLCY-23W6\n-A FORWARD -m comment -j KUBE-ROUTER-FORWARD\n\
+                    COMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DNAT\nCOMMIT\n";
+        assert!(filter_table_is_kube_routers_only(left));
+        assert!(filter_table_is_kube_routers_only(""));
+        assert!(!filter_table_is_kube_routers_only(
+            "*filter\n:INPUT ACCEPT [0:0]\n:OTHER - [0:0]\nCOMMIT\n"
+        ));
+        assert!(!filter_table_is_kube_routers_only(
+            "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -j DROP\nCOMMIT\n"
+        ));
+    }
+
+    #[test]
+    fn every_configuration_is_compared_with_no_engine_on_its_own_cluster() {
+        for c in CONFIGS {
+            if let Some(b) = baseline_of(c) {
+                assert!(CONFIGS.contains(&b), "{c}: {b}");
+                // Same cluster, except the cluster-to-cluster ratio itself.
+                if c != "a-loaded" {
+                    assert_eq!(on_loaded_cluster(c), on_loaded_cluster(b), "{c} vs {b}");
+                }
+            }
+        }
+        assert_eq!(baseline_of("a"), None);
+        assert_eq!(baseline_of("b"), Some("a"));
+        assert_eq!(baseline_of("a-loaded"), Some("a"));
+        assert_eq!(baseline_of("c"), Some("a-loaded"));
+        assert_eq!(baseline_of("kube-router"), Some("a-loaded"));
+        assert!(!on_loaded_cluster("a") && !on_loaded_cluster("b"));
+        assert!(on_loaded_cluster("a-loaded") && on_loaded_cluster("c"));
+    }
+
+    #[test]
+    fn ratios_pair_rounds_and_tables_use_each_configurations_own_baseline() {
+        let s = |config: &str, round, value| Sample {
+            policies: 10,
+            round,
+            config: config.into(),
+            pair: "cross-node".into(),
+            metric: Metric::RrP50Us,
+            value,
+        };
+        let samples = vec![
+            s("a", 1, 10.0),
+            s("a", 2, 10.0),
+            s("a-loaded", 1, 12.0),
+            s("a-loaded", 2, 16.0),
+            s("c", 1, 12.0),
+            s("c", 2, 20.0),
+            s("c", 3, 99.0), // no baseline in round 3: not paired
+        ];
+        assert_eq!(
+            paired_ratios(&samples, 10, "cross-node", Metric::RrP50Us, "c", "a-loaded"),
+            vec![1.0, 0.8]
+        );
+        let sum = summarize(&samples);
+        let configs: Vec<String> = ["a", "a-loaded", "c"].map(String::from).to_vec();
+        let t = table(&sum, &samples, 10, &configs);
+        assert!(
+            t.starts_with("| pair | metric | (a) | (a-loaded) | (c) | (a-loaded) vs (a) | (c) vs (a-loaded) |\n"),
+            "{t}"
+        );
+        // (a-loaded)/(a): 10/14; (c)/(a-loaded): medians 14 vs 20 -> 0.700, per round 1.00, 0.80.
+        assert!(
+            t.contains("| cross-node | RR latency p50 (µs) | 10.0 | 14.0 | 20.0 | 0.714 (0.62–0.83) | 0.700 (0.80–1.00) |"),
+            "{t}"
+        );
+        let sw = sweep_table(&sum, &[10], &["c"]);
+        assert!(
+            sw.contains("| cross-node | RR latency p50 (µs) | 0.700 |"),
+            "{sw}"
         );
     }
 
