@@ -176,7 +176,13 @@ impl Cluster {
         };
         let applied = *self.applied.borrow();
         let versions = &mut self.versions()[kind.slot()];
-        versions.waiting.push_back((generation, version));
+        // A kind's versions arrive in order: a later one with the same generation replaces the
+        // earlier, so the queue holds one entry per pending generation (a failing sync under a
+        // stream of status updates does not grow it per event).
+        match versions.waiting.back_mut() {
+            Some((g, v)) if *g == generation => *v = version,
+            _ => versions.waiting.push_back((generation, version)),
+        }
         versions.release(applied);
     }
 
@@ -514,6 +520,18 @@ mod tests {
         cluster.mark_applied(pending);
         assert_eq!(applied(&cluster, Kind::Namespaces).as_deref(), Some("22"));
         assert_eq!(applied(&cluster, Kind::Pods).as_deref(), Some("21"));
+    }
+
+    #[test]
+    fn events_of_one_pending_generation_keep_one_entry() {
+        let cluster = Cluster::default();
+        let pending = cluster.touch();
+        for v in 30..1030 {
+            cluster.observed(Kind::Pods, Some(v.to_string()), pending);
+        }
+        assert_eq!(cluster.versions()[Kind::Pods.slot()].waiting.len(), 1);
+        cluster.mark_applied(pending);
+        assert_eq!(applied(&cluster, Kind::Pods).as_deref(), Some("1029"));
     }
 
     #[test]
