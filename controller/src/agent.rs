@@ -457,13 +457,16 @@ fn compile_and_measure(
     let mut index = cluster.index();
     // Under the lock: exactly the changes this compilation sees.
     let changes = index.take_changes();
-    metrics.policies.set(index.policies.len() as i64);
-    let with_errors = index
-        .policies
-        .values()
-        .filter(|p| !p.errors.is_empty())
-        .count();
-    metrics.policies_with_errors.set(with_errors as i64);
+    // A pass over every policy: only when one changed (every relist marks them changed).
+    if changes.policies || changes.everything {
+        metrics.policies.set(index.policies.len() as i64);
+        let with_errors = index
+            .policies
+            .values()
+            .filter(|p| !p.errors.is_empty())
+            .count();
+        metrics.policies_with_errors.set(with_errors as i64);
+    }
     metrics
         .local_pods
         .set(index.local_pods(node).count() as i64);
