@@ -570,8 +570,11 @@ fn probe_group(
         }
         let mut outcomes = run_probes(&reqs, timeout, opts.parallelism);
         // A connection that should have worked but timed out is tried once more, alone in a
-        // smaller wave: on a loaded machine a first SYN can wait past the timeout. A connection
-        // that got through is never retried, so this can only turn a false X into a true `.`.
+        // smaller wave and with 4x the timeout: on a loaded machine a first SYN, or a UDP
+        // server's answer, can wait past the timeout (CI saw UDP cells time out twice at 500 ms
+        // while other work loaded both cores). A connection that got through is never retried,
+        // and a dropped one stays dropped however long we wait, so this can only turn a false X
+        // into a true `.`.
         let retry: Vec<usize> = items
             .iter()
             .zip(&outcomes)
@@ -593,7 +596,7 @@ fn probe_group(
             let again: Vec<ProbeReq> = retry.iter().map(|i| reqs[*i].clone()).collect();
             for (i, o) in retry
                 .iter()
-                .zip(run_probes(&again, timeout, opts.parallelism))
+                .zip(run_probes(&again, timeout * 4, opts.parallelism))
             {
                 outcomes[*i] = match o {
                     Outcome::Connected => Outcome::Connected,
