@@ -35,6 +35,9 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::WatchParams;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent};
 use kube::{Client, ResourceExt as _};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -150,6 +153,13 @@ fn classify(sock: &Socket) -> Option<Outcome> {
     }
 }
 
+/// The epoll token of the send timer; attempts use their sequence number (from 1).
+const TIMER_TOKEN: u64 = 0;
+
+/// One thread's probing: a periodic timerfd paces the sends and epoll reports each attempt's
+/// answer as it happens, so the thread sleeps between events. (Polling every pending socket
+/// on a short tick cost up to half a core while attempts were being dropped, CPU the API
+/// server shares on a small machine.)
 fn probe_loop(
     epoch: Instant,
     target: SocketAddr,
@@ -158,23 +168,58 @@ fn probe_loop(
     log: &Log,
 ) -> Result<()> {
     let (interval, timeout) = cfg;
-    // Young attempts are looked at every round, older ones every 5 ms (an answer later than a
-    // few ms is rare; only the send time matters for the result).
-    let young = Duration::from_millis(5);
-    let mut pending: Vec<(usize, Instant, Socket)> = Vec::new();
-    let mut next = Instant::now();
-    let mut last_old_check = Instant::now();
-    loop {
-        let stopping = stop.load(Ordering::Relaxed);
-        let now = Instant::now();
-        if !stopping && now >= next {
-            let sock =
-                Socket::new(Domain::for_address(target), Type::STREAM, None).context("socket")?;
-            sock.set_nonblocking(true).context("O_NONBLOCK")?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
+    let timer = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+    )
+    .context("timerfd_create")?;
+    timer
+        .set(
+            Expiration::Interval(TimeSpec::from_duration(interval)),
+            TimerSetTimeFlags::empty(),
+        )
+        .context("timerfd_settime")?;
+    epoll
+        .add(&timer, EpollEvent::new(EpollFlags::EPOLLIN, TIMER_TOKEN))
+        .context("epoll_ctl(timer)")?;
+    // Pending attempts by sequence number: ascending = send order, so the oldest is first.
+    let mut pending: BTreeMap<u64, (usize, Instant, Socket)> = BTreeMap::new();
+    let mut seq = TIMER_TOKEN;
+    let mut events = [EpollEvent::empty(); 256];
+    let mut resolved: Vec<(usize, Outcome)> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let n = match epoll.wait(&mut events, EpollTimeout::from(100u16)) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => return Err(e).context("epoll_wait"),
+        };
+        let mut send = false;
+        for ev in &events[..n] {
+            if ev.data() == TIMER_TOKEN {
+                // Reading resets the expiration count; ticks missed while busy are not made up.
+                let _ = timer.wait();
+                send = true;
+            } else if let Some((idx, sent, sock)) = pending.remove(&ev.data()) {
+                match classify(&sock) {
+                    Some(o) => resolved.push((idx, o)),
+                    // Not settled yet (one-shot, so no new event): the timeout check decides.
+                    None => {
+                        pending.insert(ev.data(), (idx, sent, sock));
+                    }
+                }
+            }
+        }
+        if send {
+            let sock = Socket::new(
+                Domain::for_address(target),
+                Type::STREAM.nonblocking().cloexec(),
+                None,
+            )
+            .context("socket")?;
             sock.set_linger(Some(Duration::ZERO)).context("SO_LINGER")?;
             let sent = Instant::now();
-            let r = sock.connect(&target.into());
-            let outcome = match r {
+            let outcome = match sock.connect(&target.into()) {
                 Ok(()) => Some(Outcome::Connected),
                 Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => None,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => None,
@@ -189,48 +234,31 @@ fn probe_loop(
                 l.len() - 1
             };
             if outcome.is_none() {
-                pending.push((idx, sent, sock));
-            }
-            next += interval;
-            if next < now {
-                next = now + interval;
+                seq += 1;
+                let flags = EpollFlags::EPOLLOUT | EpollFlags::EPOLLONESHOT;
+                epoll
+                    .add(&sock, EpollEvent::new(flags, seq))
+                    .context("epoll_ctl(socket)")?;
+                pending.insert(seq, (idx, sent, sock));
             }
         }
+        // Attempts past the timeout, oldest first: a last look, then dropped.
         let now = Instant::now();
-        let check_old = now.duration_since(last_old_check) >= young;
-        if check_old {
-            last_old_check = now;
-        }
-        let mut resolved: Vec<(usize, Outcome)> = Vec::new();
-        pending.retain(|(idx, sent, sock)| {
-            let age = now.duration_since(*sent);
-            if age > young && !check_old && age <= timeout {
-                return true;
+        while let Some(entry) = pending.first_entry() {
+            if now.duration_since(entry.get().1) <= timeout {
+                break;
             }
-            let o = match classify(sock) {
-                Some(o) => o,
-                None if age > timeout => Outcome::Timeout,
-                None => return true,
-            };
-            resolved.push((*idx, o));
-            false
-        });
+            let (idx, _, sock) = entry.remove();
+            resolved.push((idx, classify(&sock).unwrap_or(Outcome::Timeout)));
+        }
         if !resolved.is_empty() {
             let mut l = log.lock().unwrap_or_else(PoisonError::into_inner);
-            for (idx, o) in resolved {
+            for (idx, o) in resolved.drain(..) {
                 l[idx].outcome = Some(o);
             }
         }
-        if stopping {
-            // Attempts still pending stay unresolved (the analysis ignores them past the run).
-            break;
-        }
-        let wake = next.min(Instant::now() + Duration::from_micros(200));
-        let now = Instant::now();
-        if wake > now {
-            std::thread::sleep(wake - now);
-        }
     }
+    // Attempts still pending stay unresolved (the analysis ignores them past the run).
     Ok(())
 }
 
