@@ -655,8 +655,8 @@ impl CniRun<'_> {
         let loadavg_start = loadavg();
         let cluster = SynthCluster::generate(&config)?;
         let index = cluster.index()?;
-        progress("choosing the node (compile_node of every node)");
-        let target = choose_target(&cluster, &index)?;
+        progress(choosing_msg(NodeChoice::Largest));
+        let target = choose_target(&cluster, &index, NodeChoice::Largest)?;
         drop(index);
         let template = cluster
             .pods

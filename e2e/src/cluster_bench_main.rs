@@ -108,6 +108,11 @@ struct Args {
     /// Concurrent API requests while loading the background.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Diagnosis: after setting up the measured pods, only probe (no policy, no write, no
+    /// background) for this many seconds, then clean up. Shows what the probing alone costs
+    /// the machine while you time something else, e.g. API requests.
+    #[arg(long, value_name = "SECS")]
+    probe_only: Option<u64>,
 }
 
 fn progress(msg: impl AsRef<str>) {
@@ -1260,6 +1265,19 @@ fn run(args: &Args) -> Result<()> {
     let result = (|| -> Result<Vec<Phase>> {
         bench.setup()?;
         let mut phases = Vec::new();
+        if let Some(secs) = args.probe_only {
+            progress(format!("probing only, for {secs} s"));
+            let session = Session::start(bench.epoch, &bench.pairs()?, &bench.cfg)?;
+            std::thread::sleep(Duration::from_secs(secs));
+            let logs = session.finish()?;
+            let all = logs.iter().flatten();
+            let connected = all
+                .clone()
+                .filter(|a| a.outcome == Some(Outcome::Connected))
+                .count();
+            progress(format!("{} attempts, {connected} connected", all.count()));
+            return Ok(phases);
+        }
         if !args.no_baseline {
             let config = SynthConfig {
                 pods: args.baseline_pods,
@@ -1285,7 +1303,9 @@ fn run(args: &Args) -> Result<()> {
     })();
     let _ = bench.teardown();
     let phases = result?;
-    print_report(args, &phases);
+    if args.probe_only.is_none() {
+        print_report(args, &phases);
+    }
     Ok(())
 }
 
