@@ -702,7 +702,7 @@ struct Target {
     new_app: String,
     tier: String,
     version: String,
-    /// compile_node of every node, to pick this one (ms).
+    /// Time spent choosing the node (with `largest`: compile_node of every node), ms.
     choose_ms: f64,
 }
 
