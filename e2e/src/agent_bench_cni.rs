@@ -655,7 +655,6 @@ impl CniRun<'_> {
         let loadavg_start = loadavg();
         let cluster = SynthCluster::generate(&config)?;
         let index = cluster.index()?;
-        progress(choosing_msg(NodeChoice::Largest));
         let target = choose_target(&cluster, &index, NodeChoice::Largest)?;
         drop(index);
         let template = cluster

@@ -710,6 +710,10 @@ struct Target {
 /// pods), that has a local pod whose `app` relabel moves it to another group chain (its
 /// dispatch map entry changes).
 fn choose_target(cluster: &SynthCluster, index: &Index, choice: NodeChoice) -> Result<Target> {
+    progress(match choice {
+        NodeChoice::Largest => "choosing the node (compile_node of every node)",
+        NodeChoice::MostPods => "choosing the node (the most local pods)",
+    });
     let started = Instant::now();
     let mut scored: Vec<(usize, String)> = cluster
         .nodes
@@ -789,13 +793,6 @@ fn choose_target(cluster: &SynthCluster, index: &Index, choice: NodeChoice) -> R
         }
     }
     bail!("no node has a local pod whose relabel moves it to another group chain")
-}
-
-fn choosing_msg(choice: NodeChoice) -> &'static str {
-    match choice {
-        NodeChoice::Largest => "choosing the node (compile_node of every node)",
-        NodeChoice::MostPods => "choosing the node (the most local pods)",
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1197,7 +1194,6 @@ impl Run<'_> {
         let loadavg_start = loadavg();
         let cluster = SynthCluster::generate(&config)?;
         let index = cluster.index()?;
-        progress(choosing_msg(self.args.node_choice));
         let target = choose_target(&cluster, &index, self.args.node_choice)?;
         drop(index);
         progress(format!(
