@@ -50,6 +50,15 @@ pub struct Config {
     pub cni_socket: Option<std::path::PathBuf>,
     /// A CNI registration whose Pod never appears in the API is dropped after this long.
     pub cni_orphan_ttl: Duration,
+    /// The DaemonSet this agent runs in: a stop after its deletion is an uninstall.
+    pub daemonset: Option<crate::owner::DaemonSetRef>,
+}
+
+/// How [`run`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stopped {
+    /// The stop follows the deletion of [`Config::daemonset`]: clean the node up.
+    pub uninstalled: bool,
 }
 
 /// The sysctls that make bridged same-node traffic meet the forward hook.
@@ -141,8 +150,10 @@ impl Health {
     }
 }
 
-async fn kube_client(config: &Config) -> Result<kube::Client, AgentError> {
-    let kube_config = match &config.kubeconfig {
+/// A client from this kubeconfig file, else kube's inference ($KUBECONFIG, ~/.kube/config,
+/// the in-cluster service account).
+pub async fn kube_client(kubeconfig: Option<&str>) -> Result<kube::Client, AgentError> {
+    let kube_config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| AgentError::Config(format!("{path}: {e}")))?;
@@ -164,13 +175,18 @@ pub fn cleanup(nft: &Nft) -> Result<(), AgentError> {
         .map_err(AgentError::Cleanup)
 }
 
-/// Run until SIGTERM or SIGINT. The table is left in place on the way out.
-pub async fn run(config: Config) -> Result<(), AgentError> {
+/// Run until SIGTERM or SIGINT. The table is left in place on the way out; the caller removes
+/// it when the stop is an uninstall ([`Stopped::uninstalled`]).
+pub async fn run(config: Config) -> Result<Stopped, AgentError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
 
-    let client = kube_client(&config).await?;
+    let client = kube_client(config.kubeconfig.as_deref()).await?;
+    let owner = config
+        .daemonset
+        .clone()
+        .map(|ds| crate::owner::OwnerWatch::start(client.clone(), ds));
     let cluster = Arc::new(Cluster::default());
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(cluster.clone()));
@@ -203,17 +219,26 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let watches = tokio::spawn(watch::run(client, cluster.clone(), metrics.clone()));
     let reconcile = tokio::spawn(reconcile(config, cluster, health, metrics));
 
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping; the rules stay in place"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping; the rules stay in place"),
-    }
+    let signal = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
     http.abort();
     watches.abort();
     reconcile.abort();
     for task in cni_tasks {
         task.abort();
     }
-    Ok(())
+    let uninstalled = match owner {
+        Some(owner) => owner.uninstalled_at_stop(Duration::from_secs(2)).await,
+        None => false,
+    };
+    if uninstalled {
+        tracing::info!("{signal}: stopping; the DaemonSet is deleted (uninstall)");
+    } else {
+        tracing::info!("{signal}: stopping; the rules stay in place");
+    }
+    Ok(Stopped { uninstalled })
 }
 
 /// The one loop that writes the table.

@@ -15,6 +15,7 @@ pub mod install_cni;
 pub mod metrics;
 pub mod model;
 pub mod nft;
+pub mod owner;
 pub mod policy;
 pub mod selector;
 pub mod simulate;

@@ -66,7 +66,8 @@ enum Command {
     /// Watches Pods, Namespaces (metadata only) and NetworkPolicies cluster-wide, compiles
     /// the rules for the pods on this node into `table inet sluice` and applies every change
     /// as one nftables transaction. The first sync replaces the table atomically; stopping
-    /// (SIGTERM) leaves the rules in place, so enforcement survives restarts and upgrades.
+    /// (SIGTERM) leaves the rules in place, so enforcement survives restarts and upgrades
+    /// (with --daemonset, a stop after that DaemonSet was deleted removes them: uninstall).
     /// Needs CAP_NET_ADMIN (nft) and br_netfilter with net.bridge.bridge-nf-call-ip{,6}tables
     /// set to 1 (the agent sets them when it can and is not ready otherwise).
     ///
@@ -82,7 +83,8 @@ enum Command {
     /// re-derives ours whenever flannel's changes (checked every --interval). A flannel file
     /// it does not understand is reported (file and field) and nothing is written: the node's
     /// configuration stays as it was. SIGTERM leaves everything in place (upgrades keep the
-    /// start gate); --uninstall removes what it wrote, and flannel's chain alone takes over.
+    /// start gate; with --daemonset, a stop after that DaemonSet was deleted uninstalls);
+    /// --uninstall removes what it wrote, and flannel's chain alone takes over.
     InstallCni(InstallCniArgs),
 }
 
@@ -134,6 +136,16 @@ struct InstallCniArgs {
     /// `uninstall.cleanupOnExit`: every stop, an upgrade's too, then unchains sluice-cni).
     #[arg(long, conflicts_with_all = ["once", "uninstall"])]
     uninstall_on_exit: bool,
+    /// The DaemonSet this runs in (the chart's `uninstall.cleanupOnDelete`). A SIGTERM after
+    /// it was seen deleted (`helm uninstall`) does what --uninstall does; a restart or an
+    /// upgrade (the DaemonSet still there) keeps the chain. Needs get/list/watch on that one
+    /// DaemonSet; a DaemonSet never seen never triggers the cleanup.
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with_all = ["once", "uninstall"])]
+    daemonset: Option<sluice::owner::DaemonSetRef>,
+    /// Kubeconfig file for --daemonset. Default: $KUBECONFIG, else ~/.kube/config, else the
+    /// in-cluster service account.
+    #[arg(long, value_name = "FILE", requires = "daemonset")]
+    kubeconfig: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -188,21 +200,63 @@ fn install_cni(args: InstallCniArgs) -> Result<ExitCode, String> {
         signal_hook::flag::register(signal, stop.clone())
             .map_err(|e| format!("could not install the signal handler: {e}"))?;
     }
+    // The DaemonSet's watch runs beside the (blocking) install loop.
+    let owner = match args.daemonset {
+        Some(ds) => Some(start_owner_watch(ds, args.kubeconfig)?),
+        None => None,
+    };
     installer
         .run(args.interval, &|| {
             stop.load(std::sync::atomic::Ordering::Relaxed)
         })
         .map_err(|e| e.to_string())?;
-    if args.uninstall_on_exit {
+    let uninstalled = match owner {
+        Some((runtime, Some(watch))) => {
+            runtime.block_on(watch.uninstalled_at_stop(std::time::Duration::from_secs(2)))
+        }
+        _ => false,
+    };
+    if args.uninstall_on_exit || uninstalled {
         installer.uninstall().map_err(|e| e.to_string())?;
         tracing::info!(
-            "stopping (--uninstall-on-exit): removed {} and sluice-cni; flannel's chain alone is in use",
+            "stopping ({}): removed {} and sluice-cni; flannel's chain alone is in use",
+            if uninstalled {
+                "the DaemonSet is deleted: uninstall"
+            } else {
+                "--uninstall-on-exit"
+            },
             installer.our_conflist().display()
         );
         return Ok(ExitCode::SUCCESS);
     }
     tracing::info!("stopping; the chained conflist stays in place");
     Ok(ExitCode::SUCCESS)
+}
+
+type OwnerWatch = (tokio::runtime::Runtime, Option<sluice::owner::OwnerWatch>);
+
+/// Starts watching the DaemonSet on a runtime of its own. A client that cannot be made is not
+/// fatal: installing the chain matters more, and no watch means no cleanup (the log says so).
+fn start_owner_watch(
+    ds: sluice::owner::DaemonSetRef,
+    kubeconfig: Option<String>,
+) -> Result<OwnerWatch, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("could not start the async runtime: {e}"))?;
+    let watch = runtime.block_on(async {
+        match sluice::agent::kube_client(kubeconfig.as_deref()).await {
+            Ok(client) => Some(sluice::owner::OwnerWatch::start(client, ds)),
+            Err(e) => {
+                tracing::warn!(daemonset = %ds, error = %e,
+                    "no Kubernetes client: stops will not clean this node up");
+                None
+            }
+        }
+    });
+    Ok((runtime, watch))
 }
 
 fn init_logging() {
@@ -264,6 +318,12 @@ struct AgentArgs {
     /// upgrade's too, until the next agent's first sync.
     #[arg(long, conflicts_with = "cleanup")]
     cleanup_on_exit: bool,
+    /// The DaemonSet this agent runs in (the chart's `uninstall.cleanupOnDelete`). A SIGTERM
+    /// after it was seen deleted (`helm uninstall`) does what --cleanup does; a restart or an
+    /// upgrade (the DaemonSet still there) keeps the rules. Needs get/list/watch on that one
+    /// DaemonSet; a DaemonSet never seen never triggers the cleanup.
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "cleanup")]
+    daemonset: Option<sluice::owner::DaemonSetRef>,
 }
 
 fn agent(args: AgentArgs) -> Result<ExitCode, String> {
@@ -289,18 +349,24 @@ fn agent(args: AgentArgs) -> Result<ExitCode, String> {
             .filter(|s| !s.is_empty())
             .map(std::path::PathBuf::from),
         cni_orphan_ttl: args.cni_orphan_ttl,
+        daemonset: args.daemonset,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("could not start the async runtime: {e}"))?;
-    runtime
+    let stopped = runtime
         .block_on(sluice::agent::run(config))
         .map_err(|e| e.to_string())?;
-    if args.cleanup_on_exit {
+    if args.cleanup_on_exit || stopped.uninstalled {
         sluice::agent::cleanup(&sluice::nft::Nft::default()).map_err(|e| e.to_string())?;
         tracing::info!(
-            "stopping (--cleanup-on-exit): removed table inet sluice and table bridge sluice"
+            "stopping ({}): removed table inet sluice and table bridge sluice",
+            if stopped.uninstalled {
+                "the DaemonSet is deleted: uninstall"
+            } else {
+                "--cleanup-on-exit"
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -502,3 +502,197 @@ fn agent_restart_leaves_no_gap_in_the_rules() {
         "the new agent's first sync must be full: {first_sync}"
     );
 }
+
+/// The chart's DaemonSet as an object (no controller manager runs here, so it makes no pods).
+const DAEMONSET: &str = "apiVersion: apps/v1\nkind: DaemonSet\n\
+    metadata: {namespace: kube-system, name: sluice}\nspec:\n  selector: {matchLabels: {app: sluice}}\n  \
+    template:\n    metadata: {labels: {app: sluice}}\n    spec: {containers: [{name: agent, image: sluice}]}\n";
+
+const FLANNEL: &str = r#"{"name": "cbr0", "cniVersion": "0.3.1", "plugins": [{"type": "flannel", "delegate": {"isDefaultGateway": true}}]}
+"#;
+
+/// `sluice install-cni` on temp CNI dirs (a flannel conflist in them), with the agent's token.
+struct InstallCni {
+    process: common::Process,
+    root: std::path::PathBuf,
+}
+
+impl InstallCni {
+    fn start(fx: &Fixture, name: &str, extra: &[&str]) -> InstallCni {
+        let root = fx.cp.dir.join(name);
+        for d in ["bin", "net.d"] {
+            std::fs::create_dir_all(root.join(d)).expect("CNI dir");
+        }
+        // install-cni copies the plugin's bytes, it never runs them
+        std::fs::write(root.join("sluice-cni"), b"plugin bytes").expect("plugin");
+        std::fs::write(root.join("net.d/10-flannel.conflist"), FLANNEL).expect("flannel");
+        let log = std::fs::File::create(root.join("log")).expect("log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("install-cni")
+            .arg("--cni-bin-dir")
+            .arg(root.join("bin"))
+            .arg("--cni-conf-dir")
+            .arg(root.join("net.d"))
+            .arg("--plugin-binary")
+            .arg(root.join("sluice-cni"))
+            .arg("--kubeconfig")
+            .arg(&fx.agent_kubeconfig)
+            .args(["--interval", "100ms"])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("sluice install-cni");
+        InstallCni {
+            process: common::Process(child),
+            root,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.root.join("log")).unwrap_or_default()
+    }
+
+    fn wait_log(&mut self, what: &str) {
+        let deadline = Instant::now() + common::CONVERGE;
+        while !self.log_text().contains(what) {
+            let exited = self.process.0.try_wait().expect("wait");
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "install-cni ({exited:?}): no {what:?} in its log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn terminate(&mut self) {
+        let pid = self.process.0.id().to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -TERM install-cni");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.process.0.try_wait().expect("wait") {
+                assert!(
+                    status.success(),
+                    "install-cni: {status}\n{}",
+                    self.log_text()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "install-cni did not exit on SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// (our conflist, sluice-cni) still there; flannel's conflist must be as it was.
+    fn left(&self) -> (bool, bool) {
+        assert_eq!(
+            std::fs::read_to_string(self.root.join("net.d/10-flannel.conflist"))
+                .expect("flannel's conflist"),
+            FLANNEL,
+            "flannel's conflist is as it was"
+        );
+        (
+            self.root.join("net.d/05-sluice.conflist").exists(),
+            self.root.join("bin/sluice-cni").exists(),
+        )
+    }
+}
+
+fn tables(fx: &Fixture) -> String {
+    let out = fx
+        .ns
+        .exec(&["nft", "list", "tables"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `uninstall.cleanupOnDelete`: `helm uninstall` deletes the DaemonSet, then its pods stop.
+/// The agent and install-cni watch their DaemonSet; a stop after its deletion removes the
+/// tables and the chained conflist (flannel's stays), a stop while it exists keeps both, and a
+/// DaemonSet never seen never cleans up.
+#[test]
+fn a_stop_after_the_daemonset_is_deleted_cleans_the_node_up() {
+    let Some(fx) = Fixture::new() else { return };
+    let cp = &fx.cp;
+    cp.apply(DAEMONSET);
+    let ds = ["--daemonset", "kube-system/sluice"];
+
+    // A restart or an upgrade: the DaemonSet is there, everything stays.
+    let mut agent = fx.start_agent_with("agent-1", &ds);
+    let mut cni = InstallCni::start(&fx, "cni-1", &ds);
+    fx.wait_ready(&agent);
+    cni.wait_log("wrote the chained conflist");
+    for log in [agent.log_text(), cni.log_text()] {
+        assert!(log.contains("watching the DaemonSet"), "{log}");
+    }
+    agent.terminate();
+    cni.terminate();
+    assert!(
+        tables(&fx).contains("table inet sluice"),
+        "a stop with the DaemonSet there keeps the rules:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(cni.left(), (true, true), "{}", cni.log_text());
+
+    // The DaemonSet is deleted, then the pods stop: both clean up.
+    let mut agent = fx.start_agent_with("agent-2", &ds);
+    let mut cni = InstallCni::start(&fx, "cni-2", &ds);
+    fx.wait_ready(&agent);
+    cni.wait_log("watching the DaemonSet");
+    cp.kubectl(
+        &["delete", "daemonset", "-n", "kube-system", "sluice"],
+        None,
+    );
+    let seen = "the DaemonSet is deleted (uninstall)";
+    fx.wait_for("the agent sees the deletion", &agent, |_| {
+        agent.log_text().contains(seen)
+    });
+    cni.wait_log(seen);
+    agent.terminate();
+    cni.terminate();
+    let left = tables(&fx);
+    assert!(
+        !left.contains("sluice"),
+        "both of sluice's tables are removed: {left}\n{}",
+        agent.log_text()
+    );
+    assert_eq!(cni.left(), (false, false), "{}", cni.log_text());
+
+    // A DaemonSet never seen (here: gone before the start): the stop keeps everything.
+    let mut agent = fx.start_agent_with("agent-3", &ds);
+    let mut cni = InstallCni::start(&fx, "cni-3", &ds);
+    fx.wait_ready(&agent);
+    cni.wait_log("the DaemonSet does not exist");
+    agent.terminate();
+    cni.terminate();
+    assert!(tables(&fx).contains("table inet sluice"));
+    assert_eq!(cni.left(), (true, true));
+    for log in [agent.log_text(), cni.log_text()] {
+        assert!(log.contains("the DaemonSet does not exist"), "{log}");
+        assert!(log.contains("the DaemonSet was never seen"), "{log}");
+    }
+
+    // A name the RBAC does not grant: the watch fails (and says so), the stop keeps everything.
+    cp.apply(&DAEMONSET.replace("name: sluice}", "name: other}"));
+    let other = ["--daemonset", "kube-system/other"];
+    let mut cni = InstallCni::start(&fx, "cni-4", &other);
+    cni.wait_log("watching the DaemonSet failed");
+    cni.terminate();
+    assert_eq!(cni.left(), (true, true));
+    let log = cni.log_text();
+    assert!(
+        log.contains("forbidden") && log.contains("the DaemonSet was never seen"),
+        "{log}"
+    );
+}

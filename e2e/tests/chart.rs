@@ -215,6 +215,8 @@ fn default_values_render_the_daemonset_and_least_privilege_rbac() {
             "ClusterRole",
             "ClusterRoleBinding",
             "DaemonSet",
+            "Role",
+            "RoleBinding",
             "ServiceAccount"
         ],
         "the default objects (no PodMonitor, no dashboard)"
@@ -258,6 +260,24 @@ fn default_values_render_the_daemonset_and_least_privilege_rbac() {
     assert_eq!(binding["subjects"][0]["namespace"], NAMESPACE);
     assert_eq!(sa["metadata"]["namespace"], NAMESPACE);
 
+    // uninstall.cleanupOnDelete: get/list/watch of this release's DaemonSet, by name, nothing else
+    let role = one(&objects, "Role");
+    assert_eq!(role["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{
+            "apiGroups": ["apps"],
+            "resources": ["daemonsets"],
+            "resourceNames": ["sluice"],
+            "verbs": ["get", "list", "watch"]
+        }])
+    );
+    let binding = one(&objects, "RoleBinding");
+    assert_eq!(binding["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["subjects"][0]["name"], sa["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["namespace"], NAMESPACE);
     // the DaemonSet
     let ds = one(&objects, "DaemonSet");
     let spec = &ds["spec"];
@@ -295,7 +315,12 @@ fn default_values_render_the_daemonset_and_least_privilege_rbac() {
     assert_eq!(agent["command"], serde_json::json!(["sluice"]));
     assert_eq!(
         args(agent),
-        ["agent", "--cni-socket=/run/sluice/cni.sock", "--resync=5m"]
+        [
+            "agent",
+            "--cni-socket=/run/sluice/cni.sock",
+            "--resync=5m",
+            "--daemonset=kube-system/sluice"
+        ]
     );
     assert_eq!(
         env(agent, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
@@ -312,7 +337,7 @@ fn default_values_render_the_daemonset_and_least_privilege_rbac() {
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(sc["capabilities"]["add"], serde_json::json!(["NET_ADMIN"]));
-    assert_eq!(agent["resources"]["limits"]["memory"], "512Mi");
+    assert_eq!(agent["resources"]["limits"]["memory"], "1Gi");
     assert_eq!(agent["resources"]["requests"]["memory"], "128Mi");
 
     let cni = container(ds, "install-cni");
@@ -324,7 +349,8 @@ fn default_values_render_the_daemonset_and_least_privilege_rbac() {
             "--cni-conf-dir=/host/etc/cni/net.d",
             "--agent-socket=/run/sluice/cni.sock",
             "--timeout=10s",
-            "--fail-mode=closed"
+            "--fail-mode=closed",
+            "--daemonset=kube-system/sluice"
         ]
     );
     let sc = &cni["securityContext"];
@@ -356,6 +382,9 @@ fn non_default_values_reach_the_objects() {
     let (_, objects) = render(&helm, &[&custom]);
     let by_kind = kinds(&objects);
     assert!(by_kind.contains_key("PodMonitor"), "{:?}", by_kind.keys());
+    // uninstall.cleanupOnDelete off: no Role, no --daemonset
+    assert!(!by_kind.contains_key("Role"), "{:?}", by_kind.keys());
+    assert!(!by_kind.contains_key("RoleBinding"), "{:?}", by_kind.keys());
     assert!(by_kind.contains_key("ConfigMap"), "{:?}", by_kind.keys());
     let ds = one(&objects, "DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
@@ -391,7 +420,7 @@ fn non_default_values_reach_the_objects() {
     assert_eq!(env(agent, "SLUICE_LISTEN")["value"], "0.0.0.0:19763");
     assert_eq!(env(agent, "RUST_LOG")["value"], "info,sluice=debug");
     assert_eq!(agent["ports"][0]["containerPort"], 19763);
-    assert_eq!(agent["resources"]["limits"]["memory"], "1Gi");
+    assert_eq!(agent["resources"]["limits"]["memory"], "1536Mi");
     let cni = container(ds, "install-cni");
     assert_eq!(
         args(cni),
@@ -541,6 +570,12 @@ fn the_schema_rejects_typos_and_bad_values() {
         ("agent.resources.limit.memory=1Gi", "limit"),
         ("cni.failMode=opne", "failMode"),
         ("cni.timeout=10", "timeout"),
+        // the plugin takes 1ms to 1h; the agent and Prometheus take no zero interval
+        ("cni.timeout=0s", "timeout"),
+        ("cni.timeout=61m", "timeout"),
+        ("cni.timeout=3601s", "timeout"),
+        ("agent.resync=0s", "resync"),
+        ("prometheus.podMonitor.interval=0s", "interval"),
         ("metricsPort=0", "metricsPort"),
         ("cni.confDir=etc/cni", "confDir"),
     ] {
@@ -660,7 +695,7 @@ fn every_schema_value_is_used_and_every_used_value_is_in_the_schema() {
             );
         }
     }
-    // values.yaml has a default (and a comment) for every leaf, and nothing else
+    // values.yaml has a default for every leaf, and nothing else
     let values: serde_yaml::Value = serde_yaml::from_str(
         &std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml"),
     )
@@ -859,4 +894,74 @@ fn rendered_manifests_pass_a_server_side_dry_run() {
             text(&out)
         );
     }
+}
+
+/// No container engine runs here, so the Dockerfile is checked for what makes it build the
+/// image the chart runs: two stages, the two binaries built --locked from the workspace and
+/// put on PATH (the chart's command is `sluice`), a pinned nftables, nothing the build needs
+/// left out of the context, and the chart's default image named as the Dockerfile builds it.
+#[test]
+fn the_dockerfile_builds_the_image_the_chart_runs() {
+    let root = repo_root();
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    let from: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert_eq!(from.len(), 2, "a build and a runtime stage: {from:?}");
+    assert!(from[0].ends_with(" AS build"), "{}", from[0]);
+    for f in &from {
+        let image = f.split_whitespace().nth(1).unwrap_or_default();
+        let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or_default();
+        assert!(
+            !tag.is_empty() && tag != "latest" && !tag.contains('/'),
+            "{f}: pin the base image"
+        );
+    }
+    assert!(
+        dockerfile.contains("cargo build --release --locked -p sluice -p sluice-cni"),
+        "both binaries, from Cargo.lock"
+    );
+    assert!(
+        dockerfile.contains("COPY --from=build /out/sluice /out/sluice-cni /usr/local/bin/"),
+        "sluice on PATH, sluice-cni next to it (install-cni's default plugin path)"
+    );
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.contains("apt-get install") && l.contains("nftables=")),
+        "nftables is installed at a pinned version"
+    );
+    assert!(dockerfile.contains("ENTRYPOINT [\"sluice\"]"));
+
+    // the build context keeps every workspace member and the lock file
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
+    for needed in ["Cargo.toml", "Cargo.lock", "controller", "cni-chain", "e2e"] {
+        assert!(
+            !ignore
+                .lines()
+                .any(|l| l.trim().trim_start_matches('/') == needed),
+            ".dockerignore leaves out {needed}"
+        );
+    }
+
+    // the chart's default image: the name and the version the Dockerfile builds
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .expect("Chart.yaml");
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+            .expect("values.yaml");
+    let workspace = std::fs::read_to_string(root.join("Cargo.toml")).expect("Cargo.toml");
+    let version = workspace
+        .lines()
+        .find_map(|l| l.strip_prefix("version = "))
+        .map(|v| v.trim_matches('"'))
+        .expect("the workspace's version");
+    assert_eq!(chart["appVersion"].as_str(), Some(version), "appVersion");
+    let repository = values["image"]["repository"].as_str().expect("repository");
+    assert!(
+        dockerfile.contains(&format!("-t {repository}:{version} .")),
+        "the Dockerfile's build command tags {repository}:{version}"
+    );
 }

@@ -15,6 +15,11 @@
 //!   is stopped (SIGTERM, then SIGKILL) and its flanneld is stopped, each brought back with
 //!   `e2e/cluster up`; no forbidden attempt connects, no established connection breaks, and
 //!   after each restart a policy change still takes effect.
+//! - `uninstall_leaves_flannel_alone`: deleting the chart's DaemonSet (what `helm uninstall`
+//!   does), then stopping each node's agent and install-cni (what the kubelet does to its pods
+//!   then) removes sluice's tables, its conflist and sluice-cni from every node, leaves
+//!   flannel's conflist byte for byte, and a new pod starts and is reachable with flannel alone.
+//!   `e2e/cluster up` then puts sluice back.
 //!
 //! Without `SLUICE_CLUSTER_DIR` each test says it skips and passes; with it and
 //! `SLUICE_STRICT=1`, a cluster that is not usable fails the test. The tests run one at a time
@@ -1432,6 +1437,180 @@ fn restart_under_traffic() {
     if let Err(e) = restart(&ctx) {
         panic!("restart_under_traffic: {e:#}");
     }
+}
+
+#[test]
+fn uninstall_leaves_flannel_alone() {
+    let _serial = serial();
+    let Some(ctx) = cluster_or_skip("uninstall_leaves_flannel_alone") else {
+        return;
+    };
+    // (read from the running agent: it is not running after the uninstall)
+    let profile = cluster_profile(&ctx.nodes[0]);
+    let result = uninstall(&ctx);
+    // sluice back on every node for what runs next, also when the test failed
+    let restored = cluster_up(&ctx, &profile).and_then(|()| {
+        ctx.nodes
+            .iter()
+            .try_for_each(|n| wait_until(CONVERGE, "the agent ready again", || agent_ready(n)))
+    });
+    if let Err(e) = result {
+        panic!("uninstall_leaves_flannel_alone: {e:#}");
+    }
+    if let Err(e) = restored {
+        panic!("uninstall_leaves_flannel_alone: putting sluice back: {e:#}");
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, check: impl Fn() -> Result<()>) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("{what}: not after {limit:?}")))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// The files of a node's CNI dirs, by name, with their bytes.
+fn cni_files(n: &Node, sub: &str) -> Result<BTreeMap<String, Vec<u8>>> {
+    let dir = n.dir.join(sub);
+    let mut files = BTreeMap::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            files.insert(
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path())?,
+            );
+        }
+    }
+    Ok(files)
+}
+
+fn node_tables(n: &Node) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &n.netns, "nft", "list", "tables"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "{}: nft list tables: {}",
+            n.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const OUR_CONFLIST: &str = "05-sluice.conflist";
+
+fn uninstall(ctx: &Ctx) -> Result<()> {
+    let k = &ctx.k;
+    // Before: sluice chained and enforcing on every node. Flannel's files are kept to compare.
+    let mut flannel_conf = BTreeMap::new();
+    for n in &ctx.nodes {
+        agent_ready(n).with_context(|| format!("{}: before", n.name))?;
+        let mut conf = cni_files(n, "cni/net.d")?;
+        if conf.remove(OUR_CONFLIST).is_none() {
+            bail!("{}: no {OUR_CONFLIST} before the uninstall", n.name);
+        }
+        if !cni_files(n, "cni/bin")?.contains_key("sluice-cni") {
+            bail!("{}: no sluice-cni before the uninstall", n.name);
+        }
+        if !node_tables(n)?.contains("table inet sluice") {
+            bail!("{}: no table inet sluice before the uninstall", n.name);
+        }
+        flannel_conf.insert(n.name.clone(), conf);
+    }
+
+    // `helm uninstall` deletes the DaemonSet; the garbage collector then deletes its pods and
+    // each kubelet stops their containers (SIGTERM). No controller manager runs here: the
+    // test stops them, once every part has seen the deletion.
+    k.run(
+        &[
+            "delete",
+            "daemonset",
+            "-n",
+            "kube-system",
+            "sluice",
+            "--wait=false",
+        ],
+        None,
+    )?;
+    let seen = "the DaemonSet is deleted (uninstall)";
+    for n in &ctx.nodes {
+        for part in ["agent", "install-cni"] {
+            let log = n.dir.join(format!("{part}.log"));
+            wait_until(
+                CONVERGE,
+                &format!("{}: {part} sees the deletion", n.name),
+                || {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    if text.contains(seen) {
+                        Ok(())
+                    } else {
+                        bail!("no {seen:?} in {}", log.display())
+                    }
+                },
+            )?;
+        }
+    }
+    for n in &ctx.nodes {
+        stop_part(n, "install-cni", nix::sys::signal::Signal::SIGTERM)?;
+        stop_part(n, "agent", nix::sys::signal::Signal::SIGTERM)?;
+    }
+
+    // After: nothing of sluice's on any node, flannel's conflist as it was.
+    for n in &ctx.nodes {
+        let tables = node_tables(n)?;
+        if tables.contains("sluice") {
+            bail!(
+                "{}: sluice's tables are left after the uninstall:
+{tables}",
+                n.name
+            );
+        }
+        let conf = cni_files(n, "cni/net.d")?;
+        if &conf != flannel_conf.get(&n.name).expect("recorded") {
+            bail!(
+                "{}: the CNI conf dir after the uninstall is not flannel's as before: {:?}",
+                n.name,
+                conf.keys().collect::<Vec<_>>()
+            );
+        }
+        if cni_files(n, "cni/bin")?.contains_key("sluice-cni") {
+            bail!("{}: sluice-cni is left in the CNI bin dir", n.name);
+        }
+    }
+
+    // A new pod starts with flannel's chain alone (the start gate would refuse it with no agent)
+    // and is reachable from another node.
+    let mut nss = Namespaces::new(k);
+    let ns = nss.create("un")?;
+    let (n1, nl) = (&ctx.nodes[0], ctx.nodes.last().expect("nodes"));
+    apply_list(
+        k,
+        vec![
+            pod(&ns, "srv", &n1.name, &[(PORT, Protocol::Tcp)]),
+            pod(&ns, "cli", &nl.name, &[(PORT, Protocol::Tcp)]),
+        ],
+    )?;
+    let ips = wait_running(k, &ns, &["srv", "cli"])?;
+    let req = ProbeReq {
+        from_netns: pod_netns_name(&nl.pod_prefix, &ns, "cli"),
+        to: SocketAddr::V4(SocketAddrV4::new(ips["srv"], PORT)),
+        proto: Proto::Tcp,
+    };
+    wait_until(CONVERGE, "the new pod reachable", || {
+        match run_probes(std::slice::from_ref(&req), Duration::from_secs(1), 1).as_slice() {
+            [Outcome::Connected] => Ok(()),
+            other => bail!("probe {:?}: {other:?}", req.to),
+        }
+    })?;
+    Ok(())
 }
 
 /// `e2e/cluster up` with the running cluster's options (its `config`), building nothing: it

@@ -309,9 +309,13 @@ current-context: sluice
         path
     }
 
-    /// `kubectl auth can-i --list` as rows of words.
-    fn rules(&self, kubeconfig: &Path) -> BTreeSet<String> {
-        let out = self.kubectl_as(kubeconfig, &["auth", "can-i", "--list"], None);
+    /// `kubectl auth can-i --list -n <namespace>` as rows of words.
+    fn rules(&self, kubeconfig: &Path, namespace: &str) -> BTreeSet<String> {
+        let out = self.kubectl_as(
+            kubeconfig,
+            &["auth", "can-i", "--list", "-n", namespace],
+            None,
+        );
         assert!(out.status.success(), "auth can-i --list: {}", text(&out));
         String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -322,26 +326,36 @@ current-context: sluice
     }
 
     /// The agent's token is not admin: beyond what every ServiceAccount may do, it has
-    /// exactly get/list/watch on pods, namespaces and networkpolicies, and nothing else.
+    /// exactly list/watch on pods, namespaces and networkpolicies, and in its own namespace
+    /// get/list/watch of its DaemonSet by name (uninstall.cleanupOnDelete), and nothing else.
     pub fn assert_least_privilege(&self, agent: &Path) {
         self.apply("apiVersion: v1\nkind: ServiceAccount\nmetadata: {namespace: kube-system, name: unbound}\n");
         let baseline = self.token_kubeconfig("unbound", "unbound.kubeconfig");
-        let agent_rules = self.rules(agent);
-        let baseline_rules = self.rules(&baseline);
-        let added: BTreeSet<&str> = agent_rules
-            .difference(&baseline_rules)
-            .map(String::as_str)
-            .collect();
-        let expected: BTreeSet<&str> = [
+        let cluster_wide = [
             "namespaces [] [] [list watch]",
             "pods [] [] [list watch]",
             "networkpolicies.networking.k8s.io [] [] [list watch]",
-        ]
-        .into();
-        assert_eq!(
-            added, expected,
-            "the agent's token must add exactly the agent's role to a bare ServiceAccount"
-        );
+        ];
+        for (namespace, own) in [
+            ("default", vec![]),
+            (
+                "kube-system",
+                vec!["daemonsets.apps [] [sluice] [get list watch]"],
+            ),
+        ] {
+            let agent_rules = self.rules(agent, namespace);
+            let baseline_rules = self.rules(&baseline, namespace);
+            let added: BTreeSet<&str> = agent_rules
+                .difference(&baseline_rules)
+                .map(String::as_str)
+                .collect();
+            let expected: BTreeSet<&str> = cluster_wide.iter().copied().chain(own).collect();
+            assert_eq!(
+                added, expected,
+                "in namespace {namespace}, the agent's token must add exactly the agent's roles \
+                 to a bare ServiceAccount"
+            );
+        }
         let out = self.kubectl_as(agent, &["auth", "can-i", "create", "pods", "-A"], None);
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
