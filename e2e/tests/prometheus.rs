@@ -1,6 +1,7 @@
 //! A real Prometheus (Debian's package, `e2e/prometheus`) scrapes the sluice agents of the local
 //! cluster (`e2e/cluster`, `$SLUICE_CLUSTER_DIR/cluster.json`) with the scrape settings the Helm
-//! chart renders, and sees sluice's metrics move when a NetworkPolicy comes and goes.
+//! chart renders, and sees sluice's metrics move when a NetworkPolicy comes and goes, and a
+//! connection it denies counted in the drops of the pod it was meant for.
 //!
 //! The scrape settings are the `prometheus.io/{scrape,port,path}` annotations of the pod template
 //! of the DaemonSet that `helm template charts/sluice` renders (helm from `e2e/helm path`). The
@@ -27,7 +28,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice::metrics::prometheus_text;
 use sluice_e2e::cluster_run::{load_cluster, Kubectl};
-use sluice_e2e::probe;
+use sluice_e2e::kubelet::pod_netns_name;
+use sluice_e2e::probe::{self, run_probes, Outcome, ProbeReq, Proto};
 
 /// How long Prometheus may take to see a change (the scrape interval is 1 s; generous for a
 /// loaded machine: this bounds a wait, it is not what the test measures).
@@ -62,6 +64,8 @@ struct Node {
     name: String,
     /// Where the agent serves HTTP (`nodes[].agentAddress`).
     agent: SocketAddr,
+    /// The kubelet's prefix of pod network namespaces (`nodes[].podNetnsPrefix`).
+    pod_prefix: String,
 }
 
 struct Cluster {
@@ -81,7 +85,16 @@ fn load(dir: &Path) -> Result<Cluster, String> {
             .as_str()
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| format!("{}: {name}: no agentAddress", path.display()))?;
-        nodes.push(Node { name, agent });
+        let pod_prefix = base
+            .nodes
+            .get(&name)
+            .map(|n| n.pod_netns_prefix.clone())
+            .ok_or_else(|| format!("{}: {name}: no podNetnsPrefix", path.display()))?;
+        nodes.push(Node {
+            name,
+            agent,
+            pod_prefix,
+        });
     }
     if nodes.is_empty() {
         return Err(format!("{}: no nodes", path.display()));
@@ -356,6 +369,27 @@ impl Objects<'_> {
                 .kubectl(&["create", "-f", "-"], Some(&pod.to_string()))
                 .unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+
+    fn pod_ip(&self, name: &str) -> std::net::IpAddr {
+        let out = self
+            .cluster
+            .kubectl(
+                &[
+                    "get",
+                    "pod",
+                    "-n",
+                    "default",
+                    name,
+                    "-o",
+                    "jsonpath={.status.podIP}",
+                ],
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        out.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("pod {name}: podIP {out:?}: {e}"))
     }
 
     fn policy(&self) -> Value {
@@ -686,6 +720,38 @@ fn prometheus_scrapes_the_agents_with_the_charts_settings_and_sees_policies_chan
         Ok((rules, syncs))
     });
     eprintln!("with the policy: rules {:?} syncs {:?}", after.0, after.1);
+    // Drops by pod: a connection the policy denies (from this test's pod on the last node, not
+    // a client, to the one on the first) is counted for the pod it was meant for, with that
+    // pod's own labels (the drop counters are read every 10 s by default).
+    let (to_node, from_node) = (&nodes[0], &nodes[nodes.len() - 1]);
+    let victim = objects.pod_name(&to_node.name);
+    let ip = objects.pod_ip(&victim);
+    let from = pod_netns_name(
+        &from_node.pod_prefix,
+        "default",
+        &objects.pod_name(&from_node.name),
+    );
+    let drops_q = format!(
+        "sum(sluice_dropped_packets_total{{namespace=\"default\",pod=\"{victim}\",direction=\"ingress\"}})"
+    );
+    let denied = ProbeReq {
+        from_netns: from,
+        to: SocketAddr::new(ip, 8080),
+        proto: Proto::Tcp,
+    };
+    eventually(
+        "Prometheus counts the denied connection's drops for its pod",
+        || {
+            let outcome = run_probes(std::slice::from_ref(&denied), Duration::from_millis(300), 1);
+            if outcome != [Outcome::Failed("timeout".into())] {
+                return Err(format!("the denied probe {:?}: {outcome:?}", denied.to));
+            }
+            match prom.query(&drops_q)?.first() {
+                Some((_, v)) if *v > 0.0 => Ok(()),
+                other => Err(format!("{drops_q}: {other:?}")),
+            }
+        },
+    );
     // Now that pods, CNI requests and isolated pods' drop counters are there too.
     promtool_check(&s.promtool, &scrape, nodes);
 
@@ -739,6 +805,7 @@ spec:
     let nodes = [Node {
         name: "node-1".into(),
         agent: "198.18.5.1:1".parse().unwrap(),
+        pod_prefix: "slc5-pod-1-".into(),
     }];
     let cfg = prometheus_config(&scrape_settings(rendered).unwrap(), &nodes);
     assert_eq!(
