@@ -23,18 +23,26 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use ipnet::IpNet;
+use nix::errno::Errno;
+use nix::libc;
 use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{
+    recv, send, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol,
+    SockType,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Where `ip netns` keeps its namespace handles.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
@@ -404,6 +412,353 @@ fn parallel<J: Send>(jobs: Vec<J>, f: impl Fn(J) -> Result<()> + Sync) -> Result
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Readiness: the `ip` calls return before the kernel has finished with what they started.
+// The link watcher (asynchronous, needs RTNL, rate-limited) turns carrier changes into a
+// forwarding bridge port, an operstate and an active qdisc (until then the device drops what
+// it sends), and addrconf's worker makes a `nodad` IPv6 address local and joins its
+// solicited-node group. A probe sent earlier is lost, and TCP resends it only after 1 s; so
+// setup polls that state over rtnetlink (in-process: no command per pod) before returning.
+
+/// How long [`wait_ready`] waits.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_POLL: Duration = Duration::from_millis(2);
+
+// linux/netlink.h, rtnetlink.h, if_link.h, if.h, if_bridge.h
+const NLMSG_HDRLEN: usize = 16;
+const IFINFOMSG_LEN: usize = 16;
+const RTMSG_LEN: usize = 12;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const RTN_LOCAL: u8 = 2;
+const RTA_DST: u16 = 1;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_OPERSTATE: u16 = 16;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_SLAVE_KIND: u16 = 4;
+const IFLA_INFO_SLAVE_DATA: u16 = 5;
+const IFLA_BRPORT_STATE: u16 = 1;
+const IFF_UP: u32 = 0x1;
+const IFF_LOWER_UP: u32 = 0x10000;
+const IF_OPER_UNKNOWN: u8 = 0;
+const IF_OPER_UP: u8 = 6;
+const BR_STATE_FORWARDING: u8 = 3;
+
+/// A link's state as rtnetlink reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LinkState {
+    /// `ifi_flags` (IFF_UP, IFF_LOWER_UP = carrier, ...).
+    flags: u32,
+    /// IF_OPER_*: set by the link watcher, right before it (de)activates the qdisc.
+    operstate: u8,
+    /// BR_STATE_* when the link is a bridge port.
+    bridge_port: Option<u8>,
+}
+
+impl LinkState {
+    /// Up with carrier, and the link watcher done with it: operstate UP, or UNKNOWN (never
+    /// processed: what a bridge reports from `up` until its first port).
+    fn is_ready(&self, bridge_port: bool) -> bool {
+        self.flags & (IFF_UP | IFF_LOWER_UP) == IFF_UP | IFF_LOWER_UP
+            && matches!(self.operstate, IF_OPER_UP | IF_OPER_UNKNOWN)
+            && (!bridge_port || self.bridge_port == Some(BR_STATE_FORWARDING))
+    }
+}
+
+impl std::fmt::Display for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const OPER: [&str; 7] = [
+            "UNKNOWN",
+            "NOTPRESENT",
+            "DOWN",
+            "LOWERLAYERDOWN",
+            "TESTING",
+            "DORMANT",
+            "UP",
+        ];
+        const PORT: [&str; 5] = [
+            "disabled",
+            "listening",
+            "learning",
+            "forwarding",
+            "blocking",
+        ];
+        let name = |names: &[&str], v: u8| {
+            names
+                .get(v as usize)
+                .map_or_else(|| v.to_string(), |s| s.to_string())
+        };
+        write!(
+            f,
+            "operstate {}, {}, {}",
+            name(&OPER, self.operstate),
+            if self.flags & IFF_UP != 0 {
+                "up"
+            } else {
+                "down"
+            },
+            if self.flags & IFF_LOWER_UP != 0 {
+                "carrier"
+            } else {
+                "no carrier"
+            }
+        )?;
+        if let Some(p) = self.bridge_port {
+            write!(f, ", bridge port {}", name(&PORT, p))?;
+        }
+        Ok(())
+    }
+}
+
+/// (type, payload) of each netlink attribute in `buf`.
+fn nl_attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        // Without NLA_F_NESTED / NLA_F_NET_BYTEORDER.
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+        Some((ty, payload))
+    })
+}
+
+/// Sends a dump request (message type `ty`, a zeroed `hdr_len`-byte header of any address
+/// family) and passes each reply's (type, body) to `each`.
+fn nl_dump(
+    sock: &OwnedFd,
+    ty: u16,
+    hdr_len: usize,
+    mut each: impl FnMut(u16, &[u8]),
+) -> Result<()> {
+    let fd = sock.as_raw_fd();
+    let mut req = Vec::with_capacity(NLMSG_HDRLEN + hdr_len);
+    req.extend_from_slice(&((NLMSG_HDRLEN + hdr_len) as u32).to_ne_bytes());
+    req.extend_from_slice(&ty.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence number
+    req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    req.resize(NLMSG_HDRLEN + hdr_len, 0);
+    send(fd, &req, MsgFlags::empty()).context("sending a netlink dump request")?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = recv(fd, &mut buf, MsgFlags::empty()).context("reading a netlink dump")?;
+        let mut msgs = &buf[..n];
+        while msgs.len() >= NLMSG_HDRLEN {
+            let len = u32::from_ne_bytes(msgs[0..4].try_into().unwrap()) as usize;
+            let ty = u16::from_ne_bytes([msgs[4], msgs[5]]);
+            if len < NLMSG_HDRLEN || len > msgs.len() {
+                bail!("malformed netlink message (length {len} of {})", msgs.len());
+            }
+            let body = &msgs[NLMSG_HDRLEN..len];
+            msgs = &msgs[((len + 3) & !3).min(msgs.len())..];
+            match ty {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = body
+                        .get(0..4)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap()));
+                    if errno != 0 {
+                        bail!("netlink dump: {}", Errno::from_raw(-errno));
+                    }
+                }
+                _ => each(ty, body),
+            }
+        }
+    }
+}
+
+/// Name and state of an RTM_NEWLINK body.
+fn parse_link(body: &[u8]) -> Option<(String, LinkState)> {
+    let mut state = LinkState {
+        flags: u32::from_ne_bytes(body.get(8..12)?.try_into().ok()?),
+        ..LinkState::default()
+    };
+    let mut name = None;
+    for (ty, val) in nl_attrs(body.get(IFINFOMSG_LEN..)?) {
+        match ty {
+            IFLA_IFNAME => {
+                let val = val.split(|&b| b == 0).next().unwrap_or_default();
+                name = Some(String::from_utf8_lossy(val).into_owned());
+            }
+            IFLA_OPERSTATE => state.operstate = *val.first()?,
+            IFLA_LINKINFO => {
+                let info: BTreeMap<u16, &[u8]> = nl_attrs(val).collect();
+                if info.get(&IFLA_INFO_SLAVE_KIND) == Some(&&b"bridge\0"[..]) {
+                    state.bridge_port = info
+                        .get(&IFLA_INFO_SLAVE_DATA)
+                        .and_then(|d| nl_attrs(d).find(|(t, _)| *t == IFLA_BRPORT_STATE))
+                        .and_then(|(_, v)| v.first().copied());
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((name?, state))
+}
+
+/// The address of a local route (RTM_NEWROUTE body of type RTN_LOCAL).
+fn parse_local_route(body: &[u8]) -> Option<IpAddr> {
+    if *body.get(7)? != RTN_LOCAL {
+        return None;
+    }
+    let dst = nl_attrs(body.get(RTMSG_LEN..)?)
+        .find(|(t, _)| *t == RTA_DST)?
+        .1;
+    match body[0] as i32 {
+        libc::AF_INET => Some(IpAddr::from(<[u8; 4]>::try_from(dst).ok()?)),
+        libc::AF_INET6 => Some(IpAddr::from(<[u8; 16]>::try_from(dst).ok()?)),
+        _ => None,
+    }
+}
+
+/// One namespace as rtnetlink shows it.
+#[derive(Default)]
+struct NetnsView {
+    links: BTreeMap<String, LinkState>,
+    /// Addresses with a local route (in use; IPv6 ones once addrconf's worker has run).
+    local: BTreeSet<IpAddr>,
+}
+
+/// The calling thread's namespace, with its local routes if `routes`.
+fn view_current_netns(routes: bool) -> Result<NetnsView> {
+    let sock = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .context("opening a netlink socket")?;
+    // Never hang on a reply that does not come.
+    setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::seconds(2))?;
+    let mut view = NetnsView::default();
+    nl_dump(&sock, RTM_GETLINK, IFINFOMSG_LEN, |ty, body| {
+        if let Some((name, state)) = parse_link(body).filter(|_| ty == RTM_NEWLINK) {
+            view.links.insert(name, state);
+        }
+    })?;
+    if routes {
+        nl_dump(&sock, RTM_GETROUTE, RTMSG_LEN, |ty, body| {
+            if ty == RTM_NEWROUTE {
+                view.local.extend(parse_local_route(body));
+            }
+        })?;
+    }
+    Ok(view)
+}
+
+/// Views of namespaces (`true`: with local routes), from one short-lived thread that enters
+/// each in turn.
+fn view_netns(netns: &BTreeMap<&str, bool>) -> Result<BTreeMap<String, NetnsView>> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("netns-view".into())
+            .spawn_scoped(s, || {
+                let mut out = BTreeMap::new();
+                for (&ns, &routes) in netns {
+                    enter_netns(ns)?;
+                    let view = view_current_netns(routes).with_context(|| format!("netns {ns}"))?;
+                    out.insert(ns.to_string(), view);
+                }
+                Ok(out)
+            })
+            .context("spawning a thread")?
+            .join()
+            .map_err(|_| anyhow!("the netns-view thread panicked"))?
+    })
+}
+
+/// Something [`wait_ready`] waits for: a link in a namespace, ready (see
+/// [`LinkState::is_ready`]), and addresses local there.
+struct Want {
+    netns: String,
+    ifname: String,
+    /// The link must also forward as a bridge port.
+    bridge_port: bool,
+    local: Vec<IpAddr>,
+    /// Names it in errors, e.g. `pod "default/x": host veth vethXXXXXXXX on node "a"`.
+    what: String,
+}
+
+impl Want {
+    /// The link up, nothing more.
+    fn link(netns: &str, ifname: &str, what: String) -> Want {
+        Want {
+            netns: netns.into(),
+            ifname: ifname.into(),
+            bridge_port: false,
+            local: Vec::new(),
+            what,
+        }
+    }
+
+    /// None when met, else what is seen.
+    fn unmet(&self, view: Option<&NetnsView>) -> Option<String> {
+        let link = view.and_then(|v| v.links.get(&self.ifname));
+        let missing: Vec<String> = self
+            .local
+            .iter()
+            .filter(|ip| !view.is_some_and(|v| v.local.contains(ip)))
+            .map(IpAddr::to_string)
+            .collect();
+        if link.is_some_and(|l| l.is_ready(self.bridge_port)) && missing.is_empty() {
+            return None;
+        }
+        let mut seen = match link {
+            Some(l) => format!("{}: {l}", self.what),
+            None => format!("{}: no such link", self.what),
+        };
+        if !missing.is_empty() {
+            seen += &format!("; not local yet: {}", missing.join(", "));
+        }
+        Some(seen)
+    }
+}
+
+/// Polls (one view per namespace and round) until every want is met.
+fn wait_ready(mut wants: Vec<Want>) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let mut netns: BTreeMap<&str, bool> = BTreeMap::new();
+        for w in &wants {
+            *netns.entry(w.netns.as_str()).or_default() |= !w.local.is_empty();
+        }
+        let views = view_netns(&netns)?;
+        let timed_out = Instant::now() >= deadline;
+        let mut unmet = Vec::new();
+        wants.retain(|w| match w.unmet(views.get(&w.netns)) {
+            Some(seen) => {
+                unmet.push(seen);
+                true
+            }
+            None => false,
+        });
+        if wants.is_empty() {
+            return Ok(());
+        }
+        if timed_out {
+            let more = unmet.len().saturating_sub(8);
+            unmet.truncate(8);
+            if more > 0 {
+                unmet.push(format!("and {more} more"));
+            }
+            bail!("not ready after {READY_TIMEOUT:?}: {}", unmet.join("; "));
+        }
+        std::thread::sleep(READY_POLL);
+    }
+}
+
 fn random_u64(salt: u64) -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = RandomState::new().build_hasher();
@@ -532,11 +887,32 @@ fn build_pods(new: &[NewPod<'_>]) -> Result<()> {
         nb.push(format!("link set {} up", n.veth));
     }
     jobs.extend(per_node.into_iter().map(|(ns, b)| (ns.to_string(), b)));
-    parallel(jobs, |(ns, lines)| ip_batch(Some(&ns), &lines, false))
+    parallel(jobs, |(ns, lines)| ip_batch(Some(&ns), &lines, false))?;
+
+    // Return only once traffic passes (see "Readiness"): cni0 and both veth ends up, the veth
+    // forwarding on cni0, the pod's addresses local.
+    let mut wants = Vec::new();
+    for n in new {
+        let pod = format!(
+            "pod {:?} (veth {} on node {:?})",
+            n.spec.key, n.veth, n.spec.node
+        );
+        let eth0 = format!("{pod}: eth0 in netns {}", n.netns);
+        wants.push(Want::link(&n.node_ns, "cni0", format!("{pod}: cni0")));
+        wants.push(Want {
+            bridge_port: true,
+            ..Want::link(&n.node_ns, &n.veth, format!("{pod}: host veth"))
+        });
+        wants.push(Want {
+            local: n.addrs.iter().map(|a| a.0).collect(),
+            ..Want::link(&n.netns, "eth0", eth0)
+        });
+    }
+    wait_ready(wants)
 }
 
 impl LabNet {
-    /// Creates the underlay and every node.
+    /// Creates the underlay and every node; returns once the underlay passes traffic.
     pub fn create(nodes: &[NodeSpec]) -> Result<LabNet> {
         let mut names = BTreeSet::new();
         let mut indices = BTreeSet::new();
@@ -660,6 +1036,24 @@ impl LabNet {
             jobs.push((n.netns.clone(), b));
         }
         parallel(jobs, |(ns, lines)| ip_batch(Some(&ns), &lines, false))?;
+
+        // 5. Wait until the underlay passes traffic (see "Readiness"). br0 only switches: its
+        // own state does not matter. cni0 gets carrier with pods: build_pods waits for it.
+        let mut wants = Vec::new();
+        for n in lab.nodes.values() {
+            let (name, ul) = (&n.spec.name, format!("n{}", n.spec.index));
+            let what = format!("node {name:?}: underlay port {ul}");
+            wants.push(Want {
+                bridge_port: true,
+                ..Want::link(&underlay, &ul, what)
+            });
+            let gateways = n.spec.pod_cidrs.iter().map(gateway_of);
+            wants.push(Want {
+                local: n.spec.host_ips.iter().copied().chain(gateways).collect(),
+                ..Want::link(&n.netns, "eth0", format!("node {name:?}: eth0"))
+            });
+        }
+        wait_ready(wants)?;
         Ok(lab)
     }
 
@@ -704,8 +1098,9 @@ impl LabNet {
         self.add_pods(std::slice::from_ref(pod))
     }
 
-    /// Adds pods in one go (a handful of `ip` invocations for any number of pods). All or
-    /// nothing: on error, none of them is added.
+    /// Adds pods in one go (a handful of `ip` invocations for any number of pods). Returns once
+    /// they pass traffic (see "Readiness" above). All or nothing: on error, none of them is
+    /// added.
     pub fn add_pods(&mut self, pods: &[PodSpec]) -> Result<()> {
         let mut keys = BTreeSet::new();
         let mut host_pods = Vec::new();
@@ -858,5 +1253,117 @@ impl LabNet {
 impl Drop for LabNet {
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UP: LinkState = LinkState {
+        flags: IFF_UP | IFF_LOWER_UP,
+        operstate: IF_OPER_UP,
+        bridge_port: Some(BR_STATE_FORWARDING),
+    };
+    const IF_OPER_DOWN: u8 = 2;
+
+    #[test]
+    fn ready_needs_carrier_the_link_watcher_and_forwarding() {
+        assert!(UP.is_ready(true));
+        // A bridge the link watcher never saw (up, no port yet) passes traffic.
+        let fresh = LinkState {
+            operstate: IF_OPER_UNKNOWN,
+            bridge_port: None,
+            ..UP
+        };
+        assert!(fresh.is_ready(false));
+        // Carrier, but the link watcher has not run yet.
+        let pending = LinkState {
+            operstate: IF_OPER_DOWN,
+            ..UP
+        };
+        assert!(!pending.is_ready(false));
+        let no_carrier = LinkState {
+            flags: IFF_UP,
+            ..UP
+        };
+        assert!(!no_carrier.is_ready(false));
+        let disabled = LinkState {
+            bridge_port: Some(0),
+            ..UP
+        };
+        assert!(!disabled.is_ready(true));
+        assert!(disabled.is_ready(false));
+    }
+
+    #[test]
+    fn unmet_names_what_and_shows_the_state_seen() {
+        let mut view = NetnsView::default();
+        let disabled = LinkState {
+            operstate: IF_OPER_DOWN,
+            bridge_port: Some(0),
+            ..UP
+        };
+        view.links.insert("vethab".into(), disabled);
+        let eth0_state = LinkState {
+            bridge_port: None,
+            ..UP
+        };
+        view.links.insert("eth0".into(), eth0_state);
+        view.local.insert("10.244.1.5".parse().unwrap());
+        let veth = Want {
+            bridge_port: true,
+            ..Want::link("n", "vethab", "pod \"d/x\" (veth vethab): host veth".into())
+        };
+        assert_eq!(
+            veth.unmet(Some(&view)).unwrap(),
+            "pod \"d/x\" (veth vethab): host veth: operstate DOWN, up, carrier, \
+             bridge port disabled"
+        );
+        let eth0 = |local: &[&str]| Want {
+            local: local.iter().map(|a| a.parse().unwrap()).collect(),
+            ..Want::link("p", "eth0", "eth0".into())
+        };
+        assert_eq!(eth0(&["10.244.1.5"]).unmet(Some(&view)), None);
+        assert_eq!(
+            eth0(&["10.244.1.5", "fd00::5"]).unmet(Some(&view)).unwrap(),
+            "eth0: operstate UP, up, carrier; not local yet: fd00::5"
+        );
+        assert_eq!(
+            Want::link("p", "eth1", "eth1".into())
+                .unmet(Some(&view))
+                .unwrap(),
+            "eth1: no such link"
+        );
+    }
+
+    fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
+        let mut a = ((4 + payload.len()) as u16).to_ne_bytes().to_vec();
+        a.extend_from_slice(&ty.to_ne_bytes());
+        a.extend_from_slice(payload);
+        a.resize((a.len() + 3) & !3, 0);
+        a
+    }
+
+    #[test]
+    fn parses_links_and_local_routes() {
+        let mut link = vec![0u8; IFINFOMSG_LEN];
+        link[8..12].copy_from_slice(&(IFF_UP | IFF_LOWER_UP).to_ne_bytes());
+        link.extend(attr(IFLA_IFNAME, b"vethab\0"));
+        link.extend(attr(IFLA_OPERSTATE, &[IF_OPER_UP]));
+        let slave_data = attr(IFLA_BRPORT_STATE, &[BR_STATE_FORWARDING]);
+        let mut info = attr(IFLA_INFO_SLAVE_KIND, b"bridge\0");
+        info.extend(attr(IFLA_INFO_SLAVE_DATA | 0x8000, &slave_data)); // NLA_F_NESTED
+        link.extend(attr(IFLA_LINKINFO | 0x8000, &info));
+        assert_eq!(parse_link(&link), Some(("vethab".into(), UP)));
+
+        let mut route = vec![0u8; RTMSG_LEN];
+        route[0] = libc::AF_INET6 as u8;
+        route[7] = RTN_LOCAL;
+        let ip: Ipv6Addr = "fd00:10:244:1::14".parse().unwrap();
+        route.extend(attr(RTA_DST, &ip.octets()));
+        assert_eq!(parse_local_route(&route), Some(IpAddr::V6(ip)));
+        route[7] = 1; // RTN_UNICAST
+        assert_eq!(parse_local_route(&route), None);
     }
 }

@@ -515,3 +515,85 @@ fn signal_cleans_up_and_exits_130() {
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert!(with_prefix(&ip_netns_list(), &prefix).is_empty());
 }
+
+/// `ip -n <netns> -j <args>`, parsed.
+fn ip_json(netns: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-j"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip -n {netns} -j {args:?}: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What `add_pods` promises on return, read back with iproute2: on each pod's node, cni0 up
+/// with carrier and every port forwarding; each pod's eth0 operationally UP and its addresses
+/// local (IPv6 ones become so asynchronously).
+fn assert_pods_ready(lab: &LabNet, nodes: &[&NodeSpec], pods: &[PodSpec]) {
+    for n in nodes {
+        let links = ip_json(lab.node_netns(&n.name).unwrap(), &["-d", "link", "show"]);
+        let up = |l: &serde_json::Value| {
+            l["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "LOWER_UP")
+        };
+        let cni0 = links.iter().find(|l| l["ifname"] == "cni0").unwrap();
+        // UNKNOWN: a bridge the kernel's link watcher has not seen since it came up.
+        assert!(
+            up(cni0) && (cni0["operstate"] == "UP" || cni0["operstate"] == "UNKNOWN"),
+            "{}: {cni0}",
+            n.name
+        );
+        let ports: Vec<_> = links.iter().filter(|l| l["master"] == "cni0").collect();
+        let on_node = pods.iter().filter(|p| p.node == n.name).count();
+        assert_eq!(ports.len(), on_node, "{}: {ports:?}", n.name);
+        for p in ports {
+            let state = &p["linkinfo"]["info_slave_data"]["state"];
+            assert!(
+                up(p) && p["operstate"] == "UP" && state == "forwarding",
+                "{}: {p}",
+                n.name
+            );
+        }
+    }
+    for p in pods {
+        let netns = lab.pod_netns(&p.key).unwrap();
+        let eth0 = &ip_json(netns, &["link", "show", "eth0"])[0];
+        assert_eq!(eth0["operstate"], "UP", "{}: {eth0}", p.key);
+        let mut local = ip_json(netns, &["-4", "route", "show", "table", "local"]);
+        local.extend(ip_json(netns, &["-6", "route", "show", "table", "local"]));
+        for ip in &p.ips {
+            assert!(
+                local.iter().any(|r| r["dst"] == ip.to_string()),
+                "{}: {ip} not local: {local:?}",
+                p.key
+            );
+        }
+    }
+}
+
+#[test]
+fn add_pods_returns_once_links_are_up_and_addresses_local() {
+    require_root!();
+    let (a, b) = (node("node-a", 1), node("node-b", 2));
+    let mut lab = LabNet::create(&[a.clone(), b.clone()]).unwrap();
+    let pods: Vec<PodSpec> = (0..6)
+        .map(|i| pod(&format!("default/p{i}"), [&a, &b][i % 2], 10 + i as u8))
+        .collect();
+    lab.add_pods(&pods).unwrap();
+    assert_pods_ready(&lab, &[&a, &b], &pods);
+
+    // Replacing a node's only pod takes cni0's carrier away and gives it back.
+    let c = node("node-c", 3);
+    let mut lab = LabNet::create(std::slice::from_ref(&c)).unwrap();
+    let x = pod("default/x", &c, 20);
+    lab.add_pod(&x).unwrap();
+    for _ in 0..5 {
+        lab.remove_pod(&x.key).unwrap();
+        lab.add_pod(&x).unwrap();
+        assert_pods_ready(&lab, &[&c], std::slice::from_ref(&x));
+    }
+}
