@@ -1,11 +1,12 @@
 //! The agent's HTTP endpoints: `/healthz` (the process serves), `/readyz` (rules are in
-//! place; the reason when not), `/metrics` (OpenMetrics text), `/applied` (per watched kind,
+//! place; the reason when not), `/metrics` (OpenMetrics text, or the Prometheus text format
+//! 0.0.4 to a client that asks only for `text/plain`), `/applied` (per watched kind,
 //! the resourceVersion up to which the API's changes are in the kernel).
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -50,14 +51,52 @@ async fn applied(State(s): State<Shared>) -> impl IntoResponse {
     )
 }
 
-async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+/// A client that accepts `text/plain` but not OpenMetrics (`promtool check metrics`, older
+/// scrapers, `curl -H 'Accept: text/plain'`) gets the text format 0.0.4; everyone else, and
+/// Prometheus (it lists OpenMetrics first), gets OpenMetrics.
+fn wants_text_format(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        let a = a.to_ascii_lowercase();
+        a.contains("text/plain") && !a.contains("application/openmetrics-text")
+    })
+}
+
+async fn metrics(State(s): State<Shared>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let openmetrics = s.metrics.encode();
+    if wants_text_format(accept) {
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            crate::metrics::prometheus_text(&openmetrics),
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            openmetrics,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_text_format;
+
+    #[test]
+    fn the_text_format_only_for_clients_that_do_not_take_openmetrics() {
+        assert!(wants_text_format(Some("text/plain")));
+        assert!(wants_text_format(Some("text/plain;version=0.0.4;q=0.5")));
+        assert!(!wants_text_format(None));
+        assert!(!wants_text_format(Some("*/*")));
+        // what Prometheus sends
+        assert!(!wants_text_format(Some(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )));
+    }
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {

@@ -478,6 +478,16 @@ fn udp_probe(to: SocketAddr, timeout: Duration, token: u64) -> Outcome {
 /// Runs in the calling thread's network namespace (wrap it in [`crate::netns::in_netns`] for
 /// another).
 pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    http_get_accepting(addr, path, "*/*", timeout)
+}
+
+/// [`http_get`] with this `Accept` header.
+pub fn http_get_accepting(
+    addr: &str,
+    path: &str,
+    accept: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let sock: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
     let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)
@@ -486,7 +496,7 @@ pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, Strin
     s.set_write_timeout(Some(timeout))?;
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
     )
     .with_context(|| format!("GET {addr}{path}: writing"))?;
     let mut raw = Vec::new();

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sluice::metrics::prometheus_text;
 use sluice_e2e::cluster_run::{load_cluster, Kubectl};
 use sluice_e2e::kubelet::pod_netns_name;
 use sluice_e2e::probe::{self, run_probes, Outcome, ProbeReq, Proto};
@@ -493,10 +492,11 @@ fn local_pods(cluster: &Cluster) -> Result<BTreeMap<String, f64>, String> {
     Ok(per)
 }
 
-/// `promtool check metrics` on each agent's exposition (at the chart's port and path). The agent
-/// serves OpenMetrics; promtool (2.42) reads only the Prometheus text format 0.0.4, so it gets the
-/// same exposition in that format (`sluice::metrics::prometheus_text`: counter families named
-/// with their `_total`).
+/// `promtool check metrics` on each agent's exposition (at the chart's port and path), as the
+/// agent serves it. By default it serves OpenMetrics (what Prometheus asks for first); promtool
+/// (2.42) reads only the Prometheus text format 0.0.4, which the agent serves to a client that
+/// asks for `text/plain` alone (`curl -H 'Accept: text/plain' ... | promtool check metrics`).
+/// Both carry the same samples.
 fn promtool_check(promtool: &Path, scrape: &Scrape, nodes: &[Node]) {
     for n in nodes {
         let addr = SocketAddr::new(n.agent.ip(), scrape.port);
@@ -507,7 +507,26 @@ fn promtool_check(promtool: &Path, scrape: &Scrape, nodes: &[Node]) {
             "GET {addr}{}: not OpenMetrics: {body}",
             scrape.path
         );
-        let text = prometheus_text(&body);
+        let (status, text) = probe::http_get_accepting(
+            &addr.to_string(),
+            &scrape.path,
+            "text/plain",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(status, 200, "GET {addr}{} (text/plain): {text}", scrape.path);
+        assert!(!text.contains("# EOF"), "text/plain got OpenMetrics: {text}");
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+                .collect()
+        };
+        assert_eq!(
+            samples(&text),
+            samples(&body),
+            "both formats carry the same series"
+        );
         let mut child = Command::new(promtool)
             .args(["check", "metrics"])
             .stdin(Stdio::piped())
