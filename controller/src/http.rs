@@ -62,13 +62,14 @@ fn wants_text_format(accept: Option<&str>) -> bool {
 }
 
 async fn metrics(State(s): State<Shared>, headers: HeaderMap) -> impl IntoResponse {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let openmetrics = s.metrics.encode();
     if wants_text_format(accept) {
         (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             crate::metrics::prometheus_text(&openmetrics),
         )
     } else {
@@ -79,6 +80,18 @@ async fn metrics(State(s): State<Shared>, headers: HeaderMap) -> impl IntoRespon
             )],
             openmetrics,
         )
+    }
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(self::metrics))
+        .route("/applied", get(applied))
+        .with_state(Shared { health, metrics });
+    if let Err(error) = axum::serve(listener, app).await {
+        tracing::error!(%error, "the HTTP server stopped");
     }
 }
 
@@ -96,17 +109,5 @@ mod tests {
         assert!(!wants_text_format(Some(
             "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
         )));
-    }
-}
-
-pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(self::metrics))
-        .route("/applied", get(applied))
-        .with_state(Shared { health, metrics });
-    if let Err(error) = axum::serve(listener, app).await {
-        tracing::error!(%error, "the HTTP server stopped");
     }
 }

@@ -514,8 +514,15 @@ fn promtool_check(promtool: &Path, scrape: &Scrape, nodes: &[Node]) {
             Duration::from_secs(10),
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
-        assert_eq!(status, 200, "GET {addr}{} (text/plain): {text}", scrape.path);
-        assert!(!text.contains("# EOF"), "text/plain got OpenMetrics: {text}");
+        assert_eq!(
+            status, 200,
+            "GET {addr}{} (text/plain): {text}",
+            scrape.path
+        );
+        assert!(
+            !text.contains("# EOF"),
+            "text/plain got OpenMetrics: {text}"
+        );
         let samples = |t: &str| -> Vec<String> {
             t.lines()
                 .filter(|l| !l.starts_with('#'))
