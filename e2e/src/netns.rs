@@ -23,13 +23,16 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use ipnet::IpNet;
-use nix::errno::Errno;
-use nix::libc;
-use nix::sched::{setns, CloneFlags};
-use nix::sys::socket::{
-    recv, send, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol,
-    SockType,
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_route::link::{
+    BridgePortState, InfoBridgePort, InfoPortData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    State,
 };
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::time::{TimeVal, TimeValLike};
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,7 +40,6 @@ use std::fs::File;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -424,202 +426,120 @@ fn parallel<J: Send>(jobs: Vec<J>, f: impl Fn(J) -> Result<()> + Sync) -> Result
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const READY_POLL: Duration = Duration::from_millis(2);
 
-// linux/netlink.h, rtnetlink.h, if_link.h, if.h, if_bridge.h
-const NLMSG_HDRLEN: usize = 16;
-const IFINFOMSG_LEN: usize = 16;
-const RTMSG_LEN: usize = 12;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_GETROUTE: u16 = 26;
-const RTN_LOCAL: u8 = 2;
-const RTA_DST: u16 = 1;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_OPERSTATE: u16 = 16;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_SLAVE_KIND: u16 = 4;
-const IFLA_INFO_SLAVE_DATA: u16 = 5;
-const IFLA_BRPORT_STATE: u16 = 1;
-const IFF_UP: u32 = 0x1;
-const IFF_LOWER_UP: u32 = 0x10000;
-const IF_OPER_UNKNOWN: u8 = 0;
-const IF_OPER_UP: u8 = 6;
-const BR_STATE_FORWARDING: u8 = 3;
-
 /// A link's state as rtnetlink reports it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct LinkState {
-    /// `ifi_flags` (IFF_UP, IFF_LOWER_UP = carrier, ...).
-    flags: u32,
-    /// IF_OPER_*: set by the link watcher, right before it (de)activates the qdisc.
-    operstate: u8,
-    /// BR_STATE_* when the link is a bridge port.
-    bridge_port: Option<u8>,
+    /// `ifi_flags` (Up, LowerUp = carrier, ...).
+    flags: LinkFlags,
+    /// Set by the link watcher, right before it (de)activates the qdisc.
+    operstate: State,
+    /// When the link is a bridge port.
+    bridge_port: Option<BridgePortState>,
 }
 
 impl LinkState {
     /// Up with carrier, and the link watcher done with it: operstate UP, or UNKNOWN (never
     /// processed: what a bridge reports from `up` until its first port).
     fn is_ready(&self, bridge_port: bool) -> bool {
-        self.flags & (IFF_UP | IFF_LOWER_UP) == IFF_UP | IFF_LOWER_UP
-            && matches!(self.operstate, IF_OPER_UP | IF_OPER_UNKNOWN)
-            && (!bridge_port || self.bridge_port == Some(BR_STATE_FORWARDING))
+        self.flags.contains(LinkFlags::Up | LinkFlags::LowerUp)
+            && matches!(self.operstate, State::Up | State::Unknown)
+            && (!bridge_port || self.bridge_port == Some(BridgePortState::Forwarding))
+    }
+
+    /// Name and state of a link in an RTM_NEWLINK message.
+    fn of(msg: &LinkMessage) -> Option<(String, LinkState)> {
+        let mut state = LinkState {
+            flags: msg.header.flags,
+            operstate: State::Unknown,
+            bridge_port: None,
+        };
+        let mut name = None;
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::OperState(s) => state.operstate = *s,
+                // Port data is a bridge port's only after port kind "bridge".
+                LinkAttribute::LinkInfo(info) => {
+                    let mut port = info.iter().flat_map(|i| match i {
+                        LinkInfo::PortData(InfoPortData::BridgePort(p)) => p.as_slice(),
+                        _ => &[],
+                    });
+                    state.bridge_port = port.find_map(|a| match a {
+                        InfoBridgePort::State(s) => Some(*s),
+                        _ => None,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Some((name?, state))
     }
 }
 
 impl std::fmt::Display for LinkState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const OPER: [&str; 7] = [
-            "UNKNOWN",
-            "NOTPRESENT",
-            "DOWN",
-            "LOWERLAYERDOWN",
-            "TESTING",
-            "DORMANT",
-            "UP",
-        ];
-        const PORT: [&str; 5] = [
-            "disabled",
-            "listening",
-            "learning",
-            "forwarding",
-            "blocking",
-        ];
-        let name = |names: &[&str], v: u8| {
-            names
-                .get(v as usize)
-                .map_or_else(|| v.to_string(), |s| s.to_string())
-        };
         write!(
             f,
             "operstate {}, {}, {}",
-            name(&OPER, self.operstate),
-            if self.flags & IFF_UP != 0 {
+            self.operstate,
+            if self.flags.contains(LinkFlags::Up) {
                 "up"
             } else {
                 "down"
             },
-            if self.flags & IFF_LOWER_UP != 0 {
+            if self.flags.contains(LinkFlags::LowerUp) {
                 "carrier"
             } else {
                 "no carrier"
             }
         )?;
         if let Some(p) = self.bridge_port {
-            write!(f, ", bridge port {}", name(&PORT, p))?;
+            write!(f, ", bridge port {p}")?;
         }
         Ok(())
     }
 }
 
-/// (type, payload) of each netlink attribute in `buf`.
-fn nl_attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        // Without NLA_F_NESTED / NLA_F_NET_BYTEORDER.
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let payload = &buf[4..len];
-        buf = &buf[((len + 3) & !3).min(buf.len())..];
-        Some((ty, payload))
+/// The address of a local route (RTN_LOCAL).
+fn local_route(msg: &RouteMessage) -> Option<IpAddr> {
+    if msg.header.kind != RouteType::Local {
+        return None;
+    }
+    msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+        _ => None,
     })
 }
 
-/// Sends a dump request (message type `ty`, a zeroed `hdr_len`-byte header of any address
-/// family) and passes each reply's (type, body) to `each`.
-fn nl_dump(
-    sock: &OwnedFd,
-    ty: u16,
-    hdr_len: usize,
-    mut each: impl FnMut(u16, &[u8]),
-) -> Result<()> {
-    let fd = sock.as_raw_fd();
-    let mut req = Vec::with_capacity(NLMSG_HDRLEN + hdr_len);
-    req.extend_from_slice(&((NLMSG_HDRLEN + hdr_len) as u32).to_ne_bytes());
-    req.extend_from_slice(&ty.to_ne_bytes());
-    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence number
-    req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    req.resize(NLMSG_HDRLEN + hdr_len, 0);
-    send(fd, &req, MsgFlags::empty()).context("sending a netlink dump request")?;
-    let mut buf = vec![0u8; 64 * 1024];
+/// Sends a dump request (e.g. GetLink with a default message) and returns the replies.
+fn nl_dump(sock: &Socket, request: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
+    let mut req = NetlinkMessage::from(request);
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.serialize(&mut buf);
+    sock.send(&buf, 0)
+        .context("sending a netlink dump request")?;
+    let mut replies = Vec::new();
     loop {
-        let n = recv(fd, &mut buf, MsgFlags::empty()).context("reading a netlink dump")?;
-        let mut msgs = &buf[..n];
-        while msgs.len() >= NLMSG_HDRLEN {
-            let len = u32::from_ne_bytes(msgs[0..4].try_into().unwrap()) as usize;
-            let ty = u16::from_ne_bytes([msgs[4], msgs[5]]);
-            if len < NLMSG_HDRLEN || len > msgs.len() {
-                bail!("malformed netlink message (length {len} of {})", msgs.len());
-            }
-            let body = &msgs[NLMSG_HDRLEN..len];
+        let (buf, _) = sock.recv_from_full().context("reading a netlink dump")?;
+        let mut msgs = &buf[..];
+        while !msgs.is_empty() {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(msgs)
+                .context("parsing a netlink dump")?;
+            let len = msg.header.length as usize;
             msgs = &msgs[((len + 3) & !3).min(msgs.len())..];
-            match ty {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let errno = body
-                        .get(0..4)
-                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap()));
-                    if errno != 0 {
-                        bail!("netlink dump: {}", Errno::from_raw(-errno));
-                    }
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(replies),
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    bail!("netlink dump: {}", e.to_io())
                 }
-                _ => each(ty, body),
+                NetlinkPayload::InnerMessage(m) => replies.push(m),
+                _ => {}
             }
         }
-    }
-}
-
-/// Name and state of an RTM_NEWLINK body.
-fn parse_link(body: &[u8]) -> Option<(String, LinkState)> {
-    let mut state = LinkState {
-        flags: u32::from_ne_bytes(body.get(8..12)?.try_into().ok()?),
-        ..LinkState::default()
-    };
-    let mut name = None;
-    for (ty, val) in nl_attrs(body.get(IFINFOMSG_LEN..)?) {
-        match ty {
-            IFLA_IFNAME => {
-                let val = val.split(|&b| b == 0).next().unwrap_or_default();
-                name = Some(String::from_utf8_lossy(val).into_owned());
-            }
-            IFLA_OPERSTATE => state.operstate = *val.first()?,
-            IFLA_LINKINFO => {
-                let info: BTreeMap<u16, &[u8]> = nl_attrs(val).collect();
-                if info.get(&IFLA_INFO_SLAVE_KIND) == Some(&&b"bridge\0"[..]) {
-                    state.bridge_port = info
-                        .get(&IFLA_INFO_SLAVE_DATA)
-                        .and_then(|d| nl_attrs(d).find(|(t, _)| *t == IFLA_BRPORT_STATE))
-                        .and_then(|(_, v)| v.first().copied());
-                }
-            }
-            _ => {}
-        }
-    }
-    Some((name?, state))
-}
-
-/// The address of a local route (RTM_NEWROUTE body of type RTN_LOCAL).
-fn parse_local_route(body: &[u8]) -> Option<IpAddr> {
-    if *body.get(7)? != RTN_LOCAL {
-        return None;
-    }
-    let dst = nl_attrs(body.get(RTMSG_LEN..)?)
-        .find(|(t, _)| *t == RTA_DST)?
-        .1;
-    match body[0] as i32 {
-        libc::AF_INET => Some(IpAddr::from(<[u8; 4]>::try_from(dst).ok()?)),
-        libc::AF_INET6 => Some(IpAddr::from(<[u8; 16]>::try_from(dst).ok()?)),
-        _ => None,
     }
 }
 
@@ -633,27 +553,24 @@ struct NetnsView {
 
 /// The calling thread's namespace, with its local routes if `routes`.
 fn view_current_netns(routes: bool) -> Result<NetnsView> {
-    let sock = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )
-    .context("opening a netlink socket")?;
+    let sock = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
     // Never hang on a reply that does not come.
     setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::seconds(2))?;
     let mut view = NetnsView::default();
-    nl_dump(&sock, RTM_GETLINK, IFINFOMSG_LEN, |ty, body| {
-        if let Some((name, state)) = parse_link(body).filter(|_| ty == RTM_NEWLINK) {
-            view.links.insert(name, state);
+    for m in nl_dump(&sock, RouteNetlinkMessage::GetLink(LinkMessage::default()))? {
+        if let RouteNetlinkMessage::NewLink(link) = m {
+            view.links.extend(LinkState::of(&link));
         }
-    })?;
+    }
     if routes {
-        nl_dump(&sock, RTM_GETROUTE, RTMSG_LEN, |ty, body| {
-            if ty == RTM_NEWROUTE {
-                view.local.extend(parse_local_route(body));
+        for m in nl_dump(
+            &sock,
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+        )? {
+            if let RouteNetlinkMessage::NewRoute(route) = m {
+                view.local.extend(local_route(&route));
             }
-        })?;
+        }
     }
     Ok(view)
 }
@@ -1259,37 +1176,38 @@ impl Drop for LabNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_route::link::InfoPortKind;
+    use netlink_packet_route::AddressFamily;
 
     const UP: LinkState = LinkState {
-        flags: IFF_UP | IFF_LOWER_UP,
-        operstate: IF_OPER_UP,
-        bridge_port: Some(BR_STATE_FORWARDING),
+        flags: LinkFlags::Up.union(LinkFlags::LowerUp),
+        operstate: State::Up,
+        bridge_port: Some(BridgePortState::Forwarding),
     };
-    const IF_OPER_DOWN: u8 = 2;
 
     #[test]
     fn ready_needs_carrier_the_link_watcher_and_forwarding() {
         assert!(UP.is_ready(true));
         // A bridge the link watcher never saw (up, no port yet) passes traffic.
         let fresh = LinkState {
-            operstate: IF_OPER_UNKNOWN,
+            operstate: State::Unknown,
             bridge_port: None,
             ..UP
         };
         assert!(fresh.is_ready(false));
         // Carrier, but the link watcher has not run yet.
         let pending = LinkState {
-            operstate: IF_OPER_DOWN,
+            operstate: State::Down,
             ..UP
         };
         assert!(!pending.is_ready(false));
         let no_carrier = LinkState {
-            flags: IFF_UP,
+            flags: LinkFlags::Up,
             ..UP
         };
         assert!(!no_carrier.is_ready(false));
         let disabled = LinkState {
-            bridge_port: Some(0),
+            bridge_port: Some(BridgePortState::Disabled),
             ..UP
         };
         assert!(!disabled.is_ready(true));
@@ -1300,8 +1218,8 @@ mod tests {
     fn unmet_names_what_and_shows_the_state_seen() {
         let mut view = NetnsView::default();
         let disabled = LinkState {
-            operstate: IF_OPER_DOWN,
-            bridge_port: Some(0),
+            operstate: State::Down,
+            bridge_port: Some(BridgePortState::Disabled),
             ..UP
         };
         view.links.insert("vethab".into(), disabled);
@@ -1337,33 +1255,68 @@ mod tests {
         );
     }
 
-    fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
-        let mut a = ((4 + payload.len()) as u16).to_ne_bytes().to_vec();
-        a.extend_from_slice(&ty.to_ne_bytes());
-        a.extend_from_slice(payload);
-        a.resize((a.len() + 3) & !3, 0);
-        a
+    #[test]
+    fn reads_this_kernels_dumps() {
+        // Every attribute of every link and route here parses (a failure fails the dump).
+        let view = view_current_netns(true).unwrap();
+        assert!(view.links.contains_key("lo"), "{:?}", view.links.keys());
+    }
+
+    /// Through bytes and back, as the kernel's dump would come.
+    fn round_trip(m: RouteNetlinkMessage) -> RouteNetlinkMessage {
+        let mut msg = NetlinkMessage::from(m);
+        msg.finalize();
+        let mut buf = vec![0u8; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        match NetlinkMessage::deserialize(&buf).unwrap().payload {
+            NetlinkPayload::InnerMessage(m) => m,
+            p => panic!("{p:?}"),
+        }
     }
 
     #[test]
-    fn parses_links_and_local_routes() {
-        let mut link = vec![0u8; IFINFOMSG_LEN];
-        link[8..12].copy_from_slice(&(IFF_UP | IFF_LOWER_UP).to_ne_bytes());
-        link.extend(attr(IFLA_IFNAME, b"vethab\0"));
-        link.extend(attr(IFLA_OPERSTATE, &[IF_OPER_UP]));
-        let slave_data = attr(IFLA_BRPORT_STATE, &[BR_STATE_FORWARDING]);
-        let mut info = attr(IFLA_INFO_SLAVE_KIND, b"bridge\0");
-        info.extend(attr(IFLA_INFO_SLAVE_DATA | 0x8000, &slave_data)); // NLA_F_NESTED
-        link.extend(attr(IFLA_LINKINFO | 0x8000, &info));
-        assert_eq!(parse_link(&link), Some(("vethab".into(), UP)));
+    fn reads_links_and_local_routes() {
+        let mut link = LinkMessage::default();
+        link.header.flags = LinkFlags::Up | LinkFlags::LowerUp | LinkFlags::Multicast;
+        link.attributes = vec![
+            LinkAttribute::IfName("vethab".into()),
+            LinkAttribute::OperState(State::Up),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::PortKind(InfoPortKind::Bridge),
+                LinkInfo::PortData(InfoPortData::BridgePort(vec![
+                    InfoBridgePort::Priority(32),
+                    InfoBridgePort::State(BridgePortState::Forwarding),
+                ])),
+            ]),
+        ];
+        let RouteNetlinkMessage::NewLink(parsed) =
+            round_trip(RouteNetlinkMessage::NewLink(link.clone()))
+        else {
+            panic!("not a link");
+        };
+        let up = LinkState {
+            flags: UP.flags | LinkFlags::Multicast,
+            ..UP
+        };
+        assert_eq!(LinkState::of(&parsed), Some(("vethab".into(), up)));
+        link.attributes.truncate(2); // not a bridge port
+        let (_, state) = LinkState::of(&link).unwrap();
+        assert_eq!(state.bridge_port, None);
+        link.attributes.remove(0);
+        assert_eq!(LinkState::of(&link), None);
 
-        let mut route = vec![0u8; RTMSG_LEN];
-        route[0] = libc::AF_INET6 as u8;
-        route[7] = RTN_LOCAL;
+        let mut route = RouteMessage::default();
+        route.header.address_family = AddressFamily::Inet6;
+        route.header.kind = RouteType::Local;
         let ip: Ipv6Addr = "fd00:10:244:1::14".parse().unwrap();
-        route.extend(attr(RTA_DST, &ip.octets()));
-        assert_eq!(parse_local_route(&route), Some(IpAddr::V6(ip)));
-        route[7] = 1; // RTN_UNICAST
-        assert_eq!(parse_local_route(&route), None);
+        route.attributes = vec![RouteAttribute::Destination(RouteAddress::Inet6(ip))];
+        let RouteNetlinkMessage::NewRoute(parsed) =
+            round_trip(RouteNetlinkMessage::NewRoute(route.clone()))
+        else {
+            panic!("not a route");
+        };
+        assert_eq!(local_route(&parsed), Some(IpAddr::V6(ip)));
+        route.header.kind = RouteType::Unicast;
+        assert_eq!(local_route(&route), None);
     }
 }
