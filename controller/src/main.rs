@@ -233,14 +233,15 @@ fn install_cni(args: InstallCniArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-type OwnerWatch = (tokio::runtime::Runtime, Option<sluice::owner::OwnerWatch>);
+/// The watch of install-cni's DaemonSet and the runtime it runs on (`None`: no client).
+type DaemonSetWatch = (tokio::runtime::Runtime, Option<sluice::owner::OwnerWatch>);
 
 /// Starts watching the DaemonSet on a runtime of its own. A client that cannot be made is not
 /// fatal: installing the chain matters more, and no watch means no cleanup (the log says so).
 fn start_owner_watch(
     ds: sluice::owner::DaemonSetRef,
     kubeconfig: Option<String>,
-) -> Result<OwnerWatch, String> {
+) -> Result<DaemonSetWatch, String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -1599,17 +1599,8 @@ fn uninstall(ctx: &Ctx) -> Result<()> {
         ],
     )?;
     let ips = wait_running(k, &ns, &["srv", "cli"])?;
-    let req = ProbeReq {
-        from_netns: pod_netns_name(&nl.pod_prefix, &ns, "cli"),
-        to: SocketAddr::V4(SocketAddrV4::new(ips["srv"], PORT)),
-        proto: Proto::Tcp,
-    };
-    wait_until(CONVERGE, "the new pod reachable", || {
-        match run_probes(std::slice::from_ref(&req), Duration::from_secs(1), 1).as_slice() {
-            [Outcome::Connected] => Ok(()),
-            other => bail!("probe {:?}: {other:?}", req.to),
-        }
-    })?;
+    let cli = pod_netns_name(&nl.pod_prefix, &ns, "cli");
+    converge_probe(&[&cli], ips["srv"], true).context("the new pod reachable")?;
     Ok(())
 }
 
