@@ -298,7 +298,8 @@ async fn reconcile(
             return;
         };
         if full {
-            // A whole-table replace recreates the counters at zero: read them first.
+            // The whole-table replace keeps the counters (nft::replace), unless it has to fall
+            // back to deleting the tables: read them first, so that loses nothing already counted.
             drops.read(state.applied(), &metrics).await;
             state.invalidate();
         }

@@ -16,7 +16,7 @@ use kernel::{is_root, nft, Netns};
 use serde_json::Value;
 use sluice::compile::{compile_node, Ruleset};
 use sluice::model::{policy_info, ContainerPort, Index, NamespaceInfo, Phase, PodInfo, Protocol};
-use sluice::nft::{take_counters, Nft, NftError, TableState};
+use sluice::nft::{take_counters, take_spoofed, Nft, NftError, TableState};
 
 /// The table as the kernel has it, without handles and counter values, sets' elements sorted
 /// and rules kept in chain order: equal iff the kernel state is the same.
@@ -224,6 +224,75 @@ fn the_first_sync_replaces_whatever_table_is_there() {
     let listing = nft(&ns, &["list", "table", "inet", "sluice"]);
     assert!(!listing.contains("stale"), "{listing}");
     assert!(listing.contains("chain in.shop.backend"), "{listing}");
+}
+
+#[test]
+fn a_replace_keeps_what_the_counters_counted_and_repairs_the_rest() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // What a previous agent (or the sync before a resync) left, with counts not yet read, plus
+    // drift: stray base chains that drop everything and a stray counter.
+    let mut rs = compile_node(&states()[3], "node-1").ruleset;
+    rs.spoof_guard.insert(
+        "veth1".into(),
+        ["10.244.1.9".parse().expect("ip")].into_iter().collect(),
+    );
+    let kept = rs.counters.keys().next().expect("a drop counter").clone();
+    let ns = Netns::new("slt", "keep");
+    let nft_ = Nft::in_netns(&ns.0);
+    // A counter's values can be given when it is declared: ours, with counts.
+    nft_.apply(&format!(
+        "table inet sluice {{\n counter {kept} {{\n comment \"{}\"\n packets 5 bytes 500\n }}\n \
+             counter stray {{\n packets 1 bytes 1\n }}\n \
+             chain stray {{\n type filter hook forward priority -10; policy drop;\n }}\n}}\n\
+             table bridge sluice {{\n counter spoofed {{\n comment \"frames dropped from registered pod veths: source not the pod's\"\n packets 7 bytes 700\n }}\n \
+             chain stray {{\n type filter hook prerouting priority 0; policy drop;\n }}\n}}\n",
+        rs.counters[&kept].describe()
+    ))
+    .expect("the leftover tables");
+
+    // A fresh TableState, like an agent after a restart (a resync invalidates the same way).
+    let mut table = TableState::new(nft_.clone());
+    let applied = table.sync(&rs).expect("replace");
+    assert!(applied.full);
+    let counted: BTreeMap<String, u64> = take_counters(&nft_)
+        .expect("take")
+        .into_iter()
+        .map(|c| (c.name, c.packets))
+        .collect();
+    let mut want: BTreeMap<String, u64> = rs.counters.keys().map(|k| (k.clone(), 0)).collect();
+    want.insert(kept.clone(), 5);
+    assert_eq!(
+        counted, want,
+        "ours kept with their counts, the stray one gone"
+    );
+    let spoofed = take_spoofed(&nft_)
+        .expect("take")
+        .expect("the bridge counter");
+    assert_eq!((spoofed.packets, spoofed.bytes), (7, 700));
+
+    // Everything else is exactly what a fresh load gives (the counts were just taken: zero).
+    let fresh = Netns::new("slt", "fresh");
+    TableState::new(Nft::in_netns(&fresh.0))
+        .sync(&rs)
+        .expect("fresh");
+    assert_eq!(kernel_state(&ns), kernel_state(&fresh));
+    assert_eq!(
+        nft(&ns, &["list", "table", "bridge", "sluice"]),
+        nft(&fresh, &["list", "table", "bridge", "sluice"])
+    );
+
+    // A table holding an object sluice never creates is deleted whole (counts lost, repaired).
+    nft(
+        &ns,
+        &["add", "quota", "inet", "sluice", "q", "{ over 1 mbytes }"],
+    );
+    let mut table = TableState::new(nft_.clone());
+    table.sync(&rs).expect("replace");
+    assert!(!nft(&ns, &["list", "table", "inet", "sluice"]).contains("quota"));
+    assert_eq!(kernel_state(&ns), kernel_state(&fresh));
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use super::replace::{keeping_counters_script, list_tables};
 use super::{diff_script, replace_script};
 use crate::compile::Ruleset;
 
@@ -22,6 +23,8 @@ pub enum NftError {
     Session(String),
     #[error("reading counters with {command} failed: {message}")]
     Counters { command: String, message: String },
+    #[error("listing our tables with {command} failed: {message}")]
+    Listing { command: String, message: String },
 }
 
 /// How long a diff may take in the session before we give up on it.
@@ -241,6 +244,42 @@ impl TableState {
         result
     }
 
+    /// Replace both tables whole, keeping what the counters the ruleset still names counted
+    /// (`replace` module). `None` when that cannot be done (the listing failed, a table holds
+    /// objects we never create, nft rejected it): then the caller deletes the tables instead.
+    fn replace_keeping_counters(&mut self, desired: &Ruleset) -> Option<Applied> {
+        let (inet, bridge) = list_tables(&self.nft)
+            .map_err(|error| {
+                tracing::info!(%error, "replacing the tables without keeping their counters")
+            })
+            .ok()?;
+        let Some(script) = keeping_counters_script(desired, inet.as_ref(), bridge.as_ref()) else {
+            tracing::info!(
+                ?inet,
+                ?bridge,
+                "a table holds objects sluice never creates: deleting it whole"
+            );
+            return None;
+        };
+        match self.nft.apply(&script) {
+            Ok(()) => {
+                self.applied = Some(desired.clone());
+                Some(Applied {
+                    full: true,
+                    commands: super::command_count(&script),
+                })
+            }
+            Err(error) => {
+                tracing::info!(
+                    %error,
+                    "the replace that keeps the counters was rejected; deleting the tables \
+                     instead (what was counted since the last read is lost)"
+                );
+                None
+            }
+        }
+    }
+
     /// Forget what was applied, so the next sync replaces the table whole: the periodic resync
     /// that repairs whatever someone else did to the table.
     pub fn invalidate(&mut self) {
@@ -255,7 +294,12 @@ impl TableState {
     /// so the next sync replaces the table whole.
     pub fn sync(&mut self, desired: &Ruleset) -> Result<Applied, NftError> {
         let (script, full) = match &self.applied {
-            None => (replace_script(desired), true),
+            None => {
+                if let Some(applied) = self.replace_keeping_counters(desired) {
+                    return Ok(applied);
+                }
+                (replace_script(desired), true)
+            }
             Some(old) => match diff_script(old, desired) {
                 None => {
                     return Ok(Applied {

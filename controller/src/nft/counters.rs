@@ -6,8 +6,8 @@
 //! counter dump (no chains, rules or sets: 4 MB, milliseconds), so that is what we run: it
 //! returns each counter's values and zeroes it, atomically per counter in the kernel. The values
 //! are therefore what was counted since the previous take: add them to a monotonic counter
-//! (e.g. prometheus-client's `Counter::inc_by`). A whole-table replacement (resync) also starts
-//! the counters from zero; only what was counted since the last take is lost then.
+//! (e.g. prometheus-client's `Counter::inc_by`). A whole-table replacement (start, resync) keeps
+//! the counters the new ruleset still names, with their values (`replace`).
 
 use serde_json::Value;
 

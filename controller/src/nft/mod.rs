@@ -169,8 +169,17 @@ fn counter_spec(info: &CounterInfo) -> Vec<String> {
     vec![comment(&info.describe())]
 }
 
-/// The whole table as an nft block, in an order nft accepts in one go.
+/// Both tables as nft blocks, in an order nft accepts in one go.
 pub fn render(ruleset: &Ruleset) -> String {
+    let mut text = render_inet(ruleset);
+    if let Some(guard) = render_spoof_guard(ruleset) {
+        text.push_str(&guard);
+    }
+    text
+}
+
+/// The `inet` table as an nft block, in an order nft accepts in one go.
+pub fn render_inet(ruleset: &Ruleset) -> String {
     let mut items: Vec<(u8, String)> = Vec::new();
     for (name, info) in &ruleset.counters {
         let mut text = format!("\tcounter {name} {{\n");
@@ -208,11 +217,7 @@ pub fn render(ruleset: &Ruleset) -> String {
     }
     items.sort_by_key(|(rank, _)| *rank);
     let body: Vec<String> = items.into_iter().map(|(_, t)| t).collect();
-    let mut text = format!("table inet {TABLE} {{\n{}}}\n", body.join("\n"));
-    if let Some(guard) = render_spoof_guard(ruleset) {
-        text.push_str(&guard);
-    }
-    text
+    format!("table inet {TABLE} {{\n{}}}\n", body.join("\n"))
 }
 
 // The anti-spoofing table, `bridge sluice`: on the bridge prerouting hook the input interface
@@ -555,6 +560,7 @@ pub fn diff_script(old: &Ruleset, new: &Ruleset) -> Option<String> {
 
 mod apply;
 mod counters;
+mod replace;
 
 pub use apply::{Applied, Nft, NftError, TableState};
 pub use counters::{take_counters, take_spoofed, CounterValue};
