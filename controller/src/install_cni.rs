@@ -256,8 +256,14 @@ impl Installer {
     }
 
     /// Install, then keep our conflist derived from flannel's (checked every `interval`) until
-    /// `stop` says so. Errors are printed and retried; the last good conflist stays meanwhile.
-    pub fn run(&self, interval: Duration, stop: &dyn Fn() -> bool) -> Result<(), InstallError> {
+    /// a stop: `wait_for_stop(d)` waits up to `d` and says whether a stop came (so the loop
+    /// sleeps until the next check or the stop, never polling). Errors are printed and retried;
+    /// the last good conflist stays meanwhile.
+    pub fn run(
+        &self,
+        interval: Duration,
+        wait_for_stop: &dyn Fn(Duration) -> bool,
+    ) -> Result<(), InstallError> {
         if self.install_binary()? {
             tracing::info!(bin_dir = %self.bin_dir.display(), "installed sluice-cni");
         }
@@ -278,12 +284,8 @@ impl Installer {
                     last_error = Some(text);
                 }
             }
-            let deadline = std::time::Instant::now() + interval;
-            while std::time::Instant::now() < deadline {
-                if stop() {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(50).min(interval));
+            if wait_for_stop(interval) {
+                return Ok(());
             }
         }
     }

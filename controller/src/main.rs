@@ -195,19 +195,29 @@ fn install_cni(args: InstallCniArgs) -> Result<ExitCode, String> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, stop.clone())
-            .map_err(|e| format!("could not install the signal handler: {e}"))?;
-    }
+    // A signal wakes the install loop at once: it sleeps on this channel between checks.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| format!("could not install the signal handler: {e}"))?;
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = stop_tx.send(());
+        }
+    });
     // The DaemonSet's watch runs beside the (blocking) install loop.
     let owner = match args.daemonset {
         Some(ds) => Some(start_owner_watch(ds, args.kubeconfig)?),
         None => None,
     };
     installer
-        .run(args.interval, &|| {
-            stop.load(std::sync::atomic::Ordering::Relaxed)
+        .run(args.interval, &|wait| {
+            !matches!(
+                stop_rx.recv_timeout(wait),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            )
         })
         .map_err(|e| e.to_string())?;
     let uninstalled = match owner {
