@@ -1006,12 +1006,7 @@ mod tests {
     #[test]
     fn pods_sharing_policies_share_one_group_chain() {
         let mut idx = three_namespaces();
-        add_policy(
-            &mut idx,
-            "x",
-            "deny",
-            r#"{"podSelector": {}, "ingress": []}"#,
-        );
+        deny_ingress(&mut idx, "x");
         let rs = compile_node(&idx, "node-1").ruleset;
         let groups: Vec<_> = rs
             .chains
@@ -1059,12 +1054,7 @@ mod tests {
     #[test]
     fn size_and_isolated_pods_count_what_is_there() {
         let mut idx = three_namespaces();
-        add_policy(
-            &mut idx,
-            "x",
-            "deny",
-            r#"{"podSelector": {}, "ingress": []}"#,
-        );
+        deny_ingress(&mut idx, "x");
         let rs = compile_node(&idx, "node-1").ruleset;
         let size = rs.size();
         assert_eq!(size.sets, 8, "the four dispatch maps and four counter maps");
@@ -1124,12 +1114,7 @@ mod tests {
     #[test]
     fn each_isolated_local_pod_gets_a_counter_per_isolated_direction() {
         let mut idx = three_namespaces();
-        add_policy(
-            &mut idx,
-            "x",
-            "deny",
-            r#"{"podSelector": {}, "ingress": []}"#,
-        );
+        deny_ingress(&mut idx, "x");
         add_policy(
             &mut idx,
             "x",
@@ -1365,12 +1350,7 @@ mod tests {
 
         // A pod moving to another group chain keeps its counter and its counter elements.
         let mut idx = three_namespaces();
-        add_policy(
-            &mut idx,
-            "x",
-            "deny",
-            r#"{"podSelector": {}, "ingress": []}"#,
-        );
+        deny_ingress(&mut idx, "x");
         let before = compile_node(&idx, "node-1").ruleset;
         add_policy(
             &mut idx,

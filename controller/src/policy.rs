@@ -230,12 +230,7 @@ mod tests {
     #[test]
     fn default_deny_ingress_isolates_the_namespace_only() {
         let mut idx = three_namespaces();
-        add_policy(
-            &mut idx,
-            "x",
-            "deny",
-            r#"{"podSelector": {}, "ingress": []}"#,
-        );
+        deny_ingress(&mut idx, "x");
         assert!(!ok(&idx, "y/a", "x/a", 80));
         assert!(!ok(&idx, "x/b", "x/a", 80));
         assert!(ok(&idx, "x/a", "y/a", 80), "egress is not isolated");

@@ -98,6 +98,11 @@ pub fn add_policy(idx: &mut Index, ns: &str, name: &str, spec_json: &str) {
     idx.apply_policy(policy_info(&policy).expect("policy info"));
 }
 
+/// Policy `deny` in `ns`: every pod of it isolated for ingress, nothing allowed.
+pub fn deny_ingress(idx: &mut Index, ns: &str) {
+    add_policy(idx, ns, "deny", r#"{"podSelector": {}, "ingress": []}"#);
+}
+
 pub fn set_named_port(idx: &mut Index, pod: &str, name: &str, port: u16) {
     let p = idx.pods.get_mut(&key(pod)).expect("pod");
     p.ports.retain(|c| c.name.as_deref() != Some(name));

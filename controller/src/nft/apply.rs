@@ -160,6 +160,16 @@ impl Nft {
         }
     }
 
+    /// Run `nft args` to the end: the command as text (for errors) and its output.
+    pub(super) fn output(&self, args: &[&str]) -> Result<(String, std::process::Output), NftError> {
+        let mut cmd = self.command(args);
+        let command = format!("{cmd:?}");
+        match cmd.output() {
+            Ok(out) => Ok((command, out)),
+            Err(source) => Err(NftError::Spawn { command, source }),
+        }
+    }
+
     /// Run a script as one atomic transaction.
     pub fn apply(&self, script: &str) -> Result<(), NftError> {
         let mut cmd = self.command(&["-f", "-"]);

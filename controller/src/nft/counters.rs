@@ -26,12 +26,7 @@ pub struct CounterValue {
 /// Read and zero every named counter of the `inet sluice` table (see the module comment for why
 /// reading resets). No table: an empty list. Never lists chains, rules, sets or elements.
 pub fn take_counters(nft: &Nft) -> Result<Vec<CounterValue>, NftError> {
-    let mut cmd = nft.command(&["-j", "reset", "counters", "table", "inet", TABLE]);
-    let command = format!("{cmd:?}");
-    let out = cmd.output().map_err(|source| NftError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
+    let (command, out) = nft.output(&["-j", "reset", "counters", "table", "inet", TABLE])?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
         // The table is not there (yet, or any more): nothing was counted.
@@ -51,19 +46,14 @@ pub fn take_counters(nft: &Nft) -> Result<Vec<CounterValue>, NftError> {
 /// dropped since the previous take because a registered pod's veth sent them with a source
 /// that is not the pod's. `None` when there is no bridge table (no pod registered through CNI).
 pub fn take_spoofed(nft: &Nft) -> Result<Option<CounterValue>, NftError> {
-    let mut cmd = nft.command(&[
+    let (command, out) = nft.output(&[
         "-j",
         "reset",
         "counter",
         "bridge",
         BRIDGE_TABLE,
         SPOOF_COUNTER,
-    ]);
-    let command = format!("{cmd:?}");
-    let out = cmd.output().map_err(|source| NftError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
+    ])?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
         if stderr.contains("No such file or directory") {

@@ -595,12 +595,7 @@ mod tests {
     #[test]
     fn diff_of_equal_rulesets_is_nothing() {
         let mut idx = three_namespaces();
-        add_policy(
-            &mut idx,
-            "x",
-            "deny",
-            r#"{"podSelector": {}, "ingress": []}"#,
-        );
+        deny_ingress(&mut idx, "x");
         let rs = compile_node(&idx, "node-1").ruleset;
         assert_eq!(diff_script(&rs, &rs), None);
     }
@@ -792,12 +787,7 @@ add element bridge sluice pod_src_v6 { \"veth0b\" . fd00:10:244:1::3 }
 
         // Together with an inet change: one script, the inet commands first.
         let mut idx = three_namespaces();
-        add_policy(
-            &mut idx,
-            "x",
-            "deny",
-            r#"{"podSelector": {}, "ingress": []}"#,
-        );
+        deny_ingress(&mut idx, "x");
         let mut both = compile_node(&idx, "node-1").ruleset;
         both.spoof_guard = one.spoof_guard.clone();
         let script = diff_script(&none, &both).expect("both");
@@ -817,12 +807,7 @@ add element bridge sluice pod_src_v6 { \"veth0b\" . fd00:10:244:1::3 }
     #[test]
     fn render_declares_counters_before_their_maps_and_maps_before_group_chains() {
         let mut idx = three_namespaces();
-        add_policy(
-            &mut idx,
-            "x",
-            "deny",
-            r#"{"podSelector": {}, "ingress": []}"#,
-        );
+        deny_ingress(&mut idx, "x");
         let rs = compile_node(&idx, "node-1").ruleset;
         let text = render(&rs);
         let pos = |needle: &str| {

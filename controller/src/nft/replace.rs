@@ -39,12 +39,7 @@ pub struct TableObjects {
 /// Our tables as the kernel has them: (`inet sluice`, `bridge sluice`), `None` where absent.
 pub fn list_tables(nft: &Nft) -> Result<(Option<TableObjects>, Option<TableObjects>), NftError> {
     let list = |family: &str, table: &str| -> Result<Option<TableObjects>, NftError> {
-        let mut cmd = nft.command(&["-j", "-t", "list", "ruleset", family]);
-        let command = format!("{cmd:?}");
-        let out = cmd.output().map_err(|source| NftError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        let (command, out) = nft.output(&["-j", "-t", "list", "ruleset", family])?;
         if !out.status.success() {
             return Err(NftError::Listing {
                 command,
@@ -204,12 +199,7 @@ mod tests {
     #[test]
     fn the_replace_empties_the_table_but_keeps_the_counters_still_named() {
         let mut idx = three_namespaces();
-        add_policy(
-            &mut idx,
-            "x",
-            "deny",
-            r#"{"podSelector": {}, "ingress": []}"#,
-        );
+        deny_ingress(&mut idx, "x");
         let rs = compile_node(&idx, "node-1").ruleset;
         let kept = rs.counters.keys().next().expect("a drop counter").clone();
         let objects = TableObjects {
