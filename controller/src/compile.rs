@@ -22,6 +22,7 @@ use crate::model::{
     Direction, Family, Index, IpBlock, NamespaceScope, Peer, PodInfo, PodKey, PolicyInfo,
     PolicyKey, PortMatch, PortRule, Protocol,
 };
+use crate::postings;
 use crate::selector::Selector;
 
 pub const TABLE: &str = "sluice";
@@ -826,12 +827,15 @@ fn namespaces_with_pods(index: &Index) -> Vec<&str> {
     out
 }
 
-/// Every pod set computed from the index, each time. Looks only at the namespaces a set can
-/// draw from: its own namespace's pods for a podSelector peer, the matching namespaces' for a
-/// namespaceSelector peer.
+/// Every pod set computed from the index, each time. Visits only the pods that may be members:
+/// for a peer, the pods of the postings of its podSelector's most selective `In`/`Exists` term
+/// (`Index::postings`), in its own namespace or the namespaces its namespaceSelector matches;
+/// for a named port, the pods declaring that name. A podSelector with no such term (`{}`, only
+/// `NotIn`/`DoesNotExist`) visits every pod of those namespaces. Each candidate is checked in
+/// full (`PodSetKey::contribution`), so the postings decide the cost, never the members.
 pub(crate) struct FromScratch<'a> {
     index: &'a Index,
-    /// Namespaces that have pods, found on the first namespaceSelector set.
+    /// Namespaces that have pods, found on the first namespaceSelector set without postings.
     namespaces: Option<Vec<&'a str>>,
 }
 
@@ -843,32 +847,45 @@ impl<'a> FromScratch<'a> {
         }
     }
 
+    /// The pods that may be members of `key`'s set: every member, and maybe others.
+    fn candidates(&mut self, key: &PodSetKey) -> Vec<&'a PodInfo> {
+        let index = self.index;
+        let by_key = |keys: &mut dyn Iterator<Item = &'a PodKey>| -> Vec<&'a PodInfo> {
+            keys.filter_map(|k| index.pods.get(k)).collect()
+        };
+        let (namespaces, pods) = match key {
+            PodSetKey::NamedPort(name, protocol, _) => {
+                return by_key(&mut index.postings().declaring(name, *protocol));
+            }
+            PodSetKey::Peer(peer, _) => (&peer.namespaces, &peer.pods),
+        };
+        match (index.postings().selecting(pods), namespaces) {
+            (Some(postings), NamespaceScope::Own(namespace)) => by_key(
+                &mut postings
+                    .into_iter()
+                    .flat_map(|posting| postings::in_namespace(posting, namespace)),
+            ),
+            (Some(postings), NamespaceScope::Selected(_)) => {
+                by_key(&mut postings.into_iter().flat_map(|posting| {
+                    postings::in_namespaces(posting, |ns| key.namespace_may_match(index, ns))
+                }))
+            }
+            (None, NamespaceScope::Own(namespace)) => pods_in(index, namespace).collect(),
+            (None, NamespaceScope::Selected(_)) => self
+                .namespaces
+                .get_or_insert_with(|| namespaces_with_pods(index))
+                .iter()
+                .filter(|ns| key.namespace_may_match(index, ns))
+                .flat_map(|ns| pods_in(index, ns))
+                .collect(),
+        }
+    }
+
     /// Each member pod with what it contributes.
     pub(crate) fn contributions(&mut self, key: &PodSetKey) -> Vec<(&'a PodInfo, Vec<Element>)> {
         let index = self.index;
-        let candidates: Box<dyn Iterator<Item = &'a PodInfo>> = match key {
-            PodSetKey::Peer(
-                PodPeer {
-                    namespaces: NamespaceScope::Own(namespace),
-                    ..
-                },
-                _,
-            ) => Box::new(pods_in(index, namespace)),
-            PodSetKey::Peer(..) => {
-                let namespaces = self
-                    .namespaces
-                    .get_or_insert_with(|| namespaces_with_pods(index))
-                    .clone();
-                Box::new(
-                    namespaces
-                        .into_iter()
-                        .filter(move |ns| key.namespace_may_match(index, ns))
-                        .flat_map(move |ns| pods_in(index, ns)),
-                )
-            }
-            PodSetKey::NamedPort(..) => Box::new(index.pods.values()),
-        };
-        candidates
+        self.candidates(key)
+            .into_iter()
             .map(|pod| (pod, key.contribution(index, pod)))
             .filter(|(_, c)| !c.is_empty())
             .collect()
