@@ -27,6 +27,29 @@ struct Kept {
 }
 
 impl Kept {
+    /// A set kept from its members' contributions (none empty), built at once: a cold start
+    /// builds every set this way, and sorting once is cheaper than inserting one by one.
+    fn of(contributions: Vec<(PodKey, Vec<Element>)>) -> Self {
+        let mut all: Vec<Element> = contributions
+            .iter()
+            .flat_map(|(_, c)| c.iter().cloned())
+            .collect();
+        all.sort_unstable();
+        let mut counts: Vec<(Element, u32)> = Vec::with_capacity(all.len());
+        for e in all {
+            match counts.last_mut() {
+                Some((last, n)) if *last == e => *n += 1,
+                _ => counts.push((e, 1)),
+            }
+        }
+        Kept {
+            elements: Arc::new(counts.iter().map(|(e, _)| e.clone()).collect()),
+            counts: counts.into_iter().collect(),
+            by_pod: contributions.into_iter().collect(),
+            used: true,
+        }
+    }
+
     /// Record what `pod` contributes now (nothing: not a member).
     fn update(&mut self, pod: &PodKey, now: Vec<Element>) {
         let before = if now.is_empty() {
@@ -136,13 +159,8 @@ impl SetSource for KeptSource<'_, '_> {
         }
         let index = self.index;
         let fresh = self.fresh.get_or_insert_with(|| FromScratch::new(index));
-        let mut kept = Kept {
-            used: true,
-            ..Kept::default()
-        };
-        for (pod, contribution) in fresh.contributions(key) {
-            kept.update(&pod.key, contribution);
-        }
+        let contributions = fresh.contributions(key).into_iter();
+        let kept = Kept::of(contributions.map(|(pod, c)| (pod.key.clone(), c)).collect());
         let elements = kept.elements.clone();
         self.kept.insert(key.clone(), kept);
         elements
