@@ -7,9 +7,15 @@
 //! `Selector::matches` (or `PodInfo::named_port`), so what is a member never depends on them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::model::{PodInfo, PodKey, Protocol};
 use crate::selector::{Requirement, Selector};
+
+/// The pods of one label `key=value` or one named port. A pod's entries share one key (an
+/// `Arc`): a pod is in several postings, and a pointer per entry costs less than a copy of its
+/// namespace and name.
+pub type Posting = BTreeSet<Arc<PodKey>>;
 
 /// Pod keys per label `key=value` and per `(port name, protocol)`. Kept by `Index` next to its
 /// pods (`apply_pod`, `delete_pod`, `reset_pods`); an empty posting is removed, so postings built
@@ -17,20 +23,21 @@ use crate::selector::{Requirement, Selector};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodPostings {
     /// label key -> value -> the pods carrying `key=value`.
-    by_label: BTreeMap<String, BTreeMap<String, BTreeSet<PodKey>>>,
+    by_label: BTreeMap<String, BTreeMap<String, Posting>>,
     /// port name -> protocol -> the pods declaring a container port of that name and protocol.
-    by_named_port: BTreeMap<String, BTreeMap<Protocol, BTreeSet<PodKey>>>,
+    by_named_port: BTreeMap<String, BTreeMap<Protocol, Posting>>,
 }
 
 impl PodPostings {
     pub fn add(&mut self, pod: &PodInfo) {
+        let key = Arc::new(pod.key.clone());
         for (k, v) in &pod.labels {
             self.by_label
                 .entry(k.clone())
                 .or_default()
                 .entry(v.clone())
                 .or_default()
-                .insert(pod.key.clone());
+                .insert(key.clone());
         }
         for port in &pod.ports {
             if let Some(name) = &port.name {
@@ -39,7 +46,7 @@ impl PodPostings {
                     .or_default()
                     .entry(port.protocol)
                     .or_default()
-                    .insert(pod.key.clone());
+                    .insert(key.clone());
             }
         }
     }
@@ -73,11 +80,11 @@ impl PodPostings {
     /// them), or `None` when no term of the selector names pods (only `NotIn`/`DoesNotExist`,
     /// or no terms): then every pod is a candidate. Of the `In`/`Exists` terms, the one with
     /// the fewest pods in the cluster is taken.
-    pub fn selecting(&self, selector: &Selector) -> Option<Vec<&BTreeSet<PodKey>>> {
-        let mut best: Option<(usize, Vec<&BTreeSet<PodKey>>)> = None;
+    pub fn selecting(&self, selector: &Selector) -> Option<Vec<&Posting>> {
+        let mut best: Option<(usize, Vec<&Posting>)> = None;
         for requirement in selector.requirements() {
             let values = |k: &str| self.by_label.get(k);
-            let postings: Vec<&BTreeSet<PodKey>> = match requirement {
+            let postings: Vec<&Posting> = match requirement {
                 // A pod has one value per key: the values' postings are disjoint.
                 Requirement::In(k, vs) => vs
                     .iter()
@@ -101,11 +108,12 @@ impl PodPostings {
             .and_then(|by_protocol| by_protocol.get(&protocol))
             .into_iter()
             .flatten()
+            .map(|key| key.as_ref())
     }
 }
 
 fn forget<V: Ord>(
-    postings: &mut BTreeMap<String, BTreeMap<V, BTreeSet<PodKey>>>,
+    postings: &mut BTreeMap<String, BTreeMap<V, Posting>>,
     outer: &str,
     inner: &V,
     pod: &PodKey,
@@ -127,22 +135,20 @@ fn forget<V: Ord>(
 /// The keys of a posting (or any ordered pod keys) in one namespace: keys sort by namespace,
 /// then name.
 pub fn in_namespace<'a>(
-    posting: &'a BTreeSet<PodKey>,
+    posting: &'a Posting,
     namespace: &str,
 ) -> impl Iterator<Item = &'a PodKey> + 'a {
     let namespace = namespace.to_string();
     posting
-        .range(PodKey::new(namespace.clone(), String::new())..)
+        .range::<PodKey, _>(PodKey::new(namespace.clone(), String::new())..)
+        .map(|key| key.as_ref())
         .take_while(move |k| k.namespace == namespace)
 }
 
 /// The keys of a posting in the namespaces `wanted` accepts, asking once per namespace present
 /// in the posting and jumping over the others' pods: the cost is the namespaces in the posting
 /// and the keys returned, not the posting's size.
-pub fn in_namespaces(
-    posting: &BTreeSet<PodKey>,
-    mut wanted: impl FnMut(&str) -> bool,
-) -> Vec<&PodKey> {
+pub fn in_namespaces(posting: &Posting, mut wanted: impl FnMut(&str) -> bool) -> Vec<&PodKey> {
     let mut out = Vec::new();
     let mut next = posting.first();
     while let Some(first) = next {
@@ -152,7 +158,7 @@ pub fn in_namespaces(
         }
         // "ns\0" sorts after every name in "ns" and before any other namespace.
         let after = PodKey::new(format!("{namespace}\0"), String::new());
-        next = posting.range(after..).next();
+        next = posting.range::<PodKey, _>(after..).next();
     }
     out
 }
@@ -163,7 +169,7 @@ mod tests {
     use crate::model::{ContainerPort, Index};
     use crate::testutil::{key, mk_pod, three_namespaces};
 
-    fn keys<'a>(it: impl IntoIterator<Item = &'a PodKey>) -> Vec<String> {
+    fn keys(it: impl IntoIterator<Item = impl std::fmt::Display>) -> Vec<String> {
         it.into_iter().map(|k| k.to_string()).collect()
     }
 
@@ -276,9 +282,9 @@ mod tests {
 
     #[test]
     fn in_namespaces_asks_once_per_namespace_and_keeps_order() {
-        let posting: BTreeSet<PodKey> = ["a/1", "a/2", "b/1", "bb/1", "c/1", "c/2"]
+        let posting: Posting = ["a/1", "a/2", "b/1", "bb/1", "c/1", "c/2"]
             .into_iter()
-            .map(key)
+            .map(|k| Arc::new(key(k)))
             .collect();
         let mut asked = Vec::new();
         let got = in_namespaces(&posting, |ns| {
