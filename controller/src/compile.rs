@@ -831,35 +831,54 @@ fn namespaces_with_pods(index: &Index) -> Vec<&str> {
 /// for a peer, the pods of the postings of its podSelector's most selective `In`/`Exists` term
 /// (`Index::postings`), in its own namespace or the namespaces its namespaceSelector matches;
 /// for a named port, the pods declaring that name. A podSelector with no such term (`{}`, only
-/// `NotIn`/`DoesNotExist`) visits every pod of those namespaces. Each candidate is checked in
-/// full (`PodSetKey::contribution`), so the postings decide the cost, never the members.
+/// `NotIn`/`DoesNotExist`), or postings holding much of the cluster (`postings::worth_it`),
+/// visit every pod of those namespaces (or of the cluster, for a named port) instead. Each
+/// candidate is checked in full (`PodSetKey::contribution`), so the postings decide the cost,
+/// never the members.
 pub(crate) struct FromScratch<'a> {
     index: &'a Index,
     /// Namespaces that have pods, found on the first namespaceSelector set without postings.
     namespaces: Option<Vec<&'a str>>,
+    /// Postings are used when they hold at most 1/`share` of the pods (0: always).
+    share: usize,
 }
 
 impl<'a> FromScratch<'a> {
     pub(crate) fn new(index: &'a Index) -> Self {
+        Self::with_share(index, postings::SHARE)
+    }
+
+    pub(crate) fn with_share(index: &'a Index, share: usize) -> Self {
         Self {
             index,
             namespaces: None,
+            share,
         }
     }
 
     /// The pods that may be members of `key`'s set: every member, and maybe others.
     fn candidates(&mut self, key: &PodSetKey) -> Vec<&'a PodInfo> {
         let index = self.index;
+        let worth_it = |postings: &[&postings::Posting]| {
+            postings::worth_it(postings, index.pods.len(), self.share)
+        };
         let by_key = |keys: &mut dyn Iterator<Item = &'a PodKey>| -> Vec<&'a PodInfo> {
             keys.filter_map(|k| index.pods.get(k)).collect()
         };
         let (namespaces, pods) = match key {
             PodSetKey::NamedPort(name, protocol, _) => {
-                return by_key(&mut index.postings().declaring(name, *protocol));
+                return match index.postings().declaring(name, *protocol) {
+                    None => Vec::new(),
+                    Some(posting) if worth_it(&[posting]) => {
+                        by_key(&mut posting.iter().map(|k| k.as_ref()))
+                    }
+                    Some(_) => index.pods.values().collect(),
+                };
             }
             PodSetKey::Peer(peer, _) => (&peer.namespaces, &peer.pods),
         };
-        match (index.postings().selecting(pods), namespaces) {
+        let postings = index.postings().selecting(pods);
+        match (postings.filter(|p| worth_it(p)), namespaces) {
             (Some(postings), NamespaceScope::Own(namespace)) => by_key(
                 &mut postings
                     .into_iter()

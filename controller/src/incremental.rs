@@ -420,15 +420,25 @@ mod tests {
                 let mut fresh = PodPostings::default();
                 index.pods.values().for_each(|p| fresh.add(p));
                 assert_eq!(index.postings(), &fresh, "seed {seed}, step {step}");
-                let mut scratch = FromScratch::new(&index);
+                // Share 0: the postings whenever the selector has a term for them; the default
+                // share passes over large ones (most, in a cluster this small).
+                let mut always = FromScratch::with_share(&index, 0);
+                let mut default = FromScratch::new(&index);
                 for _ in 0..8 {
                     let key = random_set_key(&mut rng);
-                    let mut indexed: Vec<(PodKey, Vec<Element>)> = scratch
+                    let mut indexed: Vec<(PodKey, Vec<Element>)> = always
                         .contributions(&key)
                         .into_iter()
                         .map(|(p, c)| (p.key.clone(), c))
                         .collect();
                     indexed.sort();
+                    let mut chosen: Vec<(PodKey, Vec<Element>)> = default
+                        .contributions(&key)
+                        .into_iter()
+                        .map(|(p, c)| (p.key.clone(), c))
+                        .collect();
+                    chosen.sort();
+                    assert_eq!(indexed, chosen, "seed {seed}, step {step}, {key:?}");
                     let every_pod: Vec<(PodKey, Vec<Element>)> = index
                         .pods
                         .values()

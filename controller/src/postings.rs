@@ -79,7 +79,7 @@ impl PodPostings {
     /// Postings whose union holds every pod `selector` can match (each pod in at most one of
     /// them), or `None` when no term of the selector names pods (only `NotIn`/`DoesNotExist`,
     /// or no terms): then every pod is a candidate. Of the `In`/`Exists` terms, the one with
-    /// the fewest pods in the cluster is taken.
+    /// the fewest pods in the cluster is taken. (Whether they are worth it: [`worth_it`].)
     pub fn selecting(&self, selector: &Selector) -> Option<Vec<&Posting>> {
         let mut best: Option<(usize, Vec<&Posting>)> = None;
         for requirement in selector.requirements() {
@@ -101,16 +101,25 @@ impl PodPostings {
         best.map(|(_, postings)| postings)
     }
 
-    /// The pods declaring a port `name` of `protocol` (empty when none does).
-    pub fn declaring(&self, name: &str, protocol: Protocol) -> impl Iterator<Item = &PodKey> {
+    /// The pods declaring a port `name` of `protocol` (`None` when none does).
+    pub fn declaring(&self, name: &str, protocol: Protocol) -> Option<&Posting> {
         self.by_named_port
             .get(name)
             .and_then(|by_protocol| by_protocol.get(&protocol))
-            .into_iter()
-            .flatten()
-            .map(|key| key.as_ref())
     }
 }
+
+/// Each pod of a posting is found by a lookup in the index's pods, which costs several times
+/// what a visit of the next pod in a pass over them costs (key compares through the heap,
+/// against walking one ordered map). So postings pay only when they hold a small part of the
+/// pods they stand in for: by default ([`SHARE`]) a posting with more than 1/8 of the cluster's
+/// pods (a named port every app declares, a label every pod carries) is passed over.
+pub fn worth_it(postings: &[&Posting], pods: usize, share: usize) -> bool {
+    postings.iter().map(|p| p.len()).sum::<usize>() * share <= pods
+}
+
+/// Postings are used when they hold at most 1/`SHARE` of the pods ([`worth_it`]).
+pub const SHARE: usize = 8;
 
 fn forget<V: Ord>(
     postings: &mut BTreeMap<String, BTreeMap<V, Posting>>,
@@ -223,14 +232,17 @@ mod tests {
         index.apply_pod(unported);
         check(&index, "ports changed");
         assert_eq!(
-            keys(index.postings().declaring("http", Protocol::Tcp)),
+            keys(index.postings().declaring("http", Protocol::Tcp).unwrap()),
             ["y/b"]
         );
-        assert!(
-            !keys(index.postings().declaring("serve-80-tcp", Protocol::Tcp))
-                .contains(&"y/b".to_string())
-        );
-        assert_eq!(index.postings().declaring("http", Protocol::Udp).count(), 0);
+        assert!(!keys(
+            index
+                .postings()
+                .declaring("serve-80-tcp", Protocol::Tcp)
+                .unwrap()
+        )
+        .contains(&"y/b".to_string()));
+        assert!(index.postings().declaring("http", Protocol::Udp).is_none());
 
         // A pod of the same name in another namespace is another pod.
         index.delete_pod(&key("x/a"));
