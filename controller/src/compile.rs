@@ -832,7 +832,8 @@ fn namespaces_with_pods(index: &Index) -> Vec<&str> {
 /// (`Index::postings`), in its own namespace or the namespaces its namespaceSelector matches;
 /// for a named port, the pods declaring that name. A podSelector with no such term (`{}`, only
 /// `NotIn`/`DoesNotExist`), or postings holding much of the cluster (`postings::worth_it`),
-/// visit every pod of those namespaces (or of the cluster, for a named port) instead. Each
+/// visit every pod of those namespaces instead (a named port: the pods declaring it, found in
+/// one pass over every pod shared by all named-port sets, `declared`). Each
 /// candidate is checked in full (`PodSetKey::contribution`), so the postings decide the cost,
 /// never the members.
 pub(crate) struct FromScratch<'a> {
@@ -841,6 +842,10 @@ pub(crate) struct FromScratch<'a> {
     namespaces: Option<Vec<&'a str>>,
     /// Postings are used when they hold at most 1/`share` of the pods (0: always).
     share: usize,
+    /// The pods declaring each named port, from one pass over every pod, made for the first
+    /// named-port set whose posting is too large to pay: every such set (a node asks for a
+    /// few names, each in both families) then costs that one pass, not one pass each.
+    declared: Option<BTreeMap<(&'a str, Protocol), Vec<&'a PodInfo>>>,
 }
 
 impl<'a> FromScratch<'a> {
@@ -853,15 +858,15 @@ impl<'a> FromScratch<'a> {
             index,
             namespaces: None,
             share,
+            declared: None,
         }
     }
 
     /// The pods that may be members of `key`'s set: every member, and maybe others.
     fn candidates(&mut self, key: &PodSetKey) -> Vec<&'a PodInfo> {
-        let index = self.index;
-        let worth_it = |postings: &[&postings::Posting]| {
-            postings::worth_it(postings, index.pods.len(), self.share)
-        };
+        let (index, share) = (self.index, self.share);
+        let worth_it =
+            |postings: &[&postings::Posting]| postings::worth_it(postings, index.pods.len(), share);
         let by_key = |keys: &mut dyn Iterator<Item = &'a PodKey>| -> Vec<&'a PodInfo> {
             keys.filter_map(|k| index.pods.get(k)).collect()
         };
@@ -872,7 +877,12 @@ impl<'a> FromScratch<'a> {
                     Some(posting) if worth_it(&[posting]) => {
                         by_key(&mut posting.iter().map(|k| k.as_ref()))
                     }
-                    Some(_) => index.pods.values().collect(),
+                    Some(_) => self
+                        .declared
+                        .get_or_insert_with(|| declared_ports(index))
+                        .get(&(name.as_str(), *protocol))
+                        .cloned()
+                        .unwrap_or_default(),
                 };
             }
             PodSetKey::Peer(peer, _) => (&peer.namespaces, &peer.pods),
@@ -920,6 +930,22 @@ impl SetSource for FromScratch<'_> {
                 .collect(),
         )
     }
+}
+
+/// Every pod by the (port name, protocol) pairs it declares, each pod once per pair.
+fn declared_ports(index: &Index) -> BTreeMap<(&str, Protocol), Vec<&PodInfo>> {
+    let mut out: BTreeMap<(&str, Protocol), Vec<&PodInfo>> = BTreeMap::new();
+    for pod in index.pods.values() {
+        for port in &pod.ports {
+            if let Some(name) = &port.name {
+                let pods = out.entry((name.as_str(), port.protocol)).or_default();
+                if !pods.last().is_some_and(|last| std::ptr::eq(*last, pod)) {
+                    pods.push(pod);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn fill_sets(requests: &SetRequests, ruleset: &mut Ruleset, sets: &mut dyn SetSource) {
