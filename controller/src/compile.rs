@@ -22,6 +22,7 @@ use crate::model::{
     Direction, Family, Index, IpBlock, NamespaceScope, Peer, PodInfo, PodKey, PolicyInfo,
     PolicyKey, PortMatch, PortRule, Protocol,
 };
+use crate::postings;
 use crate::selector::Selector;
 
 pub const TABLE: &str = "sluice";
@@ -826,49 +827,94 @@ fn namespaces_with_pods(index: &Index) -> Vec<&str> {
     out
 }
 
-/// Every pod set computed from the index, each time. Looks only at the namespaces a set can
-/// draw from: its own namespace's pods for a podSelector peer, the matching namespaces' for a
-/// namespaceSelector peer.
+/// Every pod set computed from the index, each time. Visits only the pods that may be members:
+/// for a peer, the pods of the postings of its podSelector's most selective `In`/`Exists` term
+/// (`Index::postings`), in its own namespace or the namespaces its namespaceSelector matches;
+/// for a named port, the pods declaring that name. A podSelector with no such term (`{}`, only
+/// `NotIn`/`DoesNotExist`), or postings holding much of the cluster (`postings::worth_it`),
+/// visit every pod of those namespaces instead (a named port: the pods declaring it, found in
+/// one pass over every pod shared by all named-port sets, `declared`). Each
+/// candidate is checked in full (`PodSetKey::contribution`), so the postings decide the cost,
+/// never the members.
 pub(crate) struct FromScratch<'a> {
     index: &'a Index,
-    /// Namespaces that have pods, found on the first namespaceSelector set.
+    /// Namespaces that have pods, found on the first namespaceSelector set without postings.
     namespaces: Option<Vec<&'a str>>,
+    /// Postings are used when they hold at most 1/`share` of the pods (0: always).
+    share: usize,
+    /// The pods declaring each named port, from one pass over every pod, made for the first
+    /// named-port set whose posting is too large to pay: every such set (a node asks for a
+    /// few names, each in both families) then costs that one pass, not one pass each.
+    declared: Option<BTreeMap<(&'a str, Protocol), Vec<&'a PodInfo>>>,
 }
 
 impl<'a> FromScratch<'a> {
     pub(crate) fn new(index: &'a Index) -> Self {
+        Self::with_share(index, postings::SHARE)
+    }
+
+    pub(crate) fn with_share(index: &'a Index, share: usize) -> Self {
         Self {
             index,
             namespaces: None,
+            share,
+            declared: None,
+        }
+    }
+
+    /// The pods that may be members of `key`'s set: every member, and maybe others.
+    fn candidates(&mut self, key: &PodSetKey) -> Vec<&'a PodInfo> {
+        let (index, share) = (self.index, self.share);
+        let worth_it =
+            |postings: &[&postings::Posting]| postings::worth_it(postings, index.pods.len(), share);
+        let by_key = |keys: &mut dyn Iterator<Item = &'a PodKey>| -> Vec<&'a PodInfo> {
+            keys.filter_map(|k| index.pods.get(k)).collect()
+        };
+        let (namespaces, pods) = match key {
+            PodSetKey::NamedPort(name, protocol, _) => {
+                return match index.postings().declaring(name, *protocol) {
+                    None => Vec::new(),
+                    Some(posting) if worth_it(&[posting]) => {
+                        by_key(&mut posting.iter().map(|k| k.as_ref()))
+                    }
+                    Some(_) => self
+                        .declared
+                        .get_or_insert_with(|| declared_ports(index))
+                        .get(&(name.as_str(), *protocol))
+                        .cloned()
+                        .unwrap_or_default(),
+                };
+            }
+            PodSetKey::Peer(peer, _) => (&peer.namespaces, &peer.pods),
+        };
+        let postings = index.postings().selecting(pods);
+        match (postings.filter(|p| worth_it(p)), namespaces) {
+            (Some(postings), NamespaceScope::Own(namespace)) => by_key(
+                &mut postings
+                    .into_iter()
+                    .flat_map(|posting| postings::in_namespace(posting, namespace)),
+            ),
+            (Some(postings), NamespaceScope::Selected(_)) => {
+                by_key(&mut postings.into_iter().flat_map(|posting| {
+                    postings::in_namespaces(posting, |ns| key.namespace_may_match(index, ns))
+                }))
+            }
+            (None, NamespaceScope::Own(namespace)) => pods_in(index, namespace).collect(),
+            (None, NamespaceScope::Selected(_)) => self
+                .namespaces
+                .get_or_insert_with(|| namespaces_with_pods(index))
+                .iter()
+                .filter(|ns| key.namespace_may_match(index, ns))
+                .flat_map(|ns| pods_in(index, ns))
+                .collect(),
         }
     }
 
     /// Each member pod with what it contributes.
     pub(crate) fn contributions(&mut self, key: &PodSetKey) -> Vec<(&'a PodInfo, Vec<Element>)> {
         let index = self.index;
-        let candidates: Box<dyn Iterator<Item = &'a PodInfo>> = match key {
-            PodSetKey::Peer(
-                PodPeer {
-                    namespaces: NamespaceScope::Own(namespace),
-                    ..
-                },
-                _,
-            ) => Box::new(pods_in(index, namespace)),
-            PodSetKey::Peer(..) => {
-                let namespaces = self
-                    .namespaces
-                    .get_or_insert_with(|| namespaces_with_pods(index))
-                    .clone();
-                Box::new(
-                    namespaces
-                        .into_iter()
-                        .filter(move |ns| key.namespace_may_match(index, ns))
-                        .flat_map(move |ns| pods_in(index, ns)),
-                )
-            }
-            PodSetKey::NamedPort(..) => Box::new(index.pods.values()),
-        };
-        candidates
+        self.candidates(key)
+            .into_iter()
             .map(|pod| (pod, key.contribution(index, pod)))
             .filter(|(_, c)| !c.is_empty())
             .collect()
@@ -884,6 +930,22 @@ impl SetSource for FromScratch<'_> {
                 .collect(),
         )
     }
+}
+
+/// Every pod by the (port name, protocol) pairs it declares, each pod once per pair.
+fn declared_ports(index: &Index) -> BTreeMap<(&str, Protocol), Vec<&PodInfo>> {
+    let mut out: BTreeMap<(&str, Protocol), Vec<&PodInfo>> = BTreeMap::new();
+    for pod in index.pods.values() {
+        for port in &pod.ports {
+            if let Some(name) = &port.name {
+                let pods = out.entry((name.as_str(), port.protocol)).or_default();
+                if !pods.last().is_some_and(|last| std::ptr::eq(*last, pod)) {
+                    pods.push(pod);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn fill_sets(requests: &SetRequests, ruleset: &mut Ruleset, sets: &mut dyn SetSource) {

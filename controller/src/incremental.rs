@@ -27,6 +27,29 @@ struct Kept {
 }
 
 impl Kept {
+    /// A set kept from its members' contributions (none empty), built at once: a cold start
+    /// builds every set this way, and sorting once is cheaper than inserting one by one.
+    fn of(contributions: Vec<(PodKey, Vec<Element>)>) -> Self {
+        let mut all: Vec<Element> = contributions
+            .iter()
+            .flat_map(|(_, c)| c.iter().cloned())
+            .collect();
+        all.sort_unstable();
+        let mut counts: Vec<(Element, u32)> = Vec::with_capacity(all.len());
+        for e in all {
+            match counts.last_mut() {
+                Some((last, n)) if *last == e => *n += 1,
+                _ => counts.push((e, 1)),
+            }
+        }
+        Kept {
+            elements: Arc::new(counts.iter().map(|(e, _)| e.clone()).collect()),
+            counts: counts.into_iter().collect(),
+            by_pod: contributions.into_iter().collect(),
+            used: true,
+        }
+    }
+
     /// Record what `pod` contributes now (nothing: not a member).
     fn update(&mut self, pod: &PodKey, now: Vec<Element>) {
         let before = if now.is_empty() {
@@ -136,13 +159,8 @@ impl SetSource for KeptSource<'_, '_> {
         }
         let index = self.index;
         let fresh = self.fresh.get_or_insert_with(|| FromScratch::new(index));
-        let mut kept = Kept {
-            used: true,
-            ..Kept::default()
-        };
-        for (pod, contribution) in fresh.contributions(key) {
-            kept.update(&pod.key, contribution);
-        }
+        let contributions = fresh.contributions(key).into_iter();
+        let kept = Kept::of(contributions.map(|(pod, c)| (pod.key.clone(), c)).collect());
         let elements = kept.elements.clone();
         self.kept.insert(key.clone(), kept);
         elements
@@ -330,6 +348,104 @@ mod tests {
                         "seed {seed}, step {step}, {node}: kept sets differ from a fresh compile"
                     );
                     assert_eq!(kept.problems, fresh.problems, "seed {seed}, step {step}");
+                }
+            }
+        }
+    }
+
+    /// Random selectors over the labels `mutate` gives pods (`app`, `tier`) and namespaces
+    /// (`team`), with every operator, in every namespace scope.
+    fn random_set_key(rng: &mut Rng) -> PodSetKey {
+        use crate::compile::PodPeer;
+        use crate::model::{Family, NamespaceScope};
+        use crate::selector::Selector;
+        let family = [Family::V4, Family::V6][rng.below(2)];
+        if rng.below(5) == 0 {
+            let (name, protocol) = [
+                ("http", Protocol::Tcp),
+                ("metrics", Protocol::Udp),
+                ("http", Protocol::Udp),
+                ("nothing", Protocol::Tcp),
+            ][rng.below(4)];
+            return PodSetKey::NamedPort(name.into(), protocol, family);
+        }
+        let selector = |rng: &mut Rng, terms: &[&str]| {
+            let picked: Vec<&str> = (0..rng.below(3)).map(|_| rng.pick(terms)).collect();
+            let json = format!(r#"{{"matchExpressions":[{}]}}"#, picked.join(","));
+            Selector::parse(&serde_json::from_str(&json).expect("selector")).expect("valid")
+        };
+        let pods = selector(
+            rng,
+            &[
+                r#"{"key":"app","operator":"In","values":["web"]}"#,
+                r#"{"key":"app","operator":"In","values":["db","api","nothing"]}"#,
+                r#"{"key":"app","operator":"NotIn","values":["web"]}"#,
+                r#"{"key":"app","operator":"Exists"}"#,
+                r#"{"key":"tier","operator":"Exists"}"#,
+                r#"{"key":"tier","operator":"DoesNotExist"}"#,
+                r#"{"key":"tier","operator":"In","values":["front"]}"#,
+                r#"{"key":"gone","operator":"Exists"}"#,
+            ],
+        );
+        let namespaces = if rng.below(2) == 0 {
+            NamespaceScope::Own(rng.pick(&["a", "b", "c", "empty"]).to_string())
+        } else {
+            NamespaceScope::Selected(selector(
+                rng,
+                &[
+                    r#"{"key":"team","operator":"In","values":["x"]}"#,
+                    r#"{"key":"team","operator":"NotIn","values":["y"]}"#,
+                    r#"{"key":"team","operator":"Exists"}"#,
+                    r#"{"key":"kubernetes.io/metadata.name","operator":"In","values":["a","c"]}"#,
+                ],
+            ))
+        };
+        PodSetKey::Peer(PodPeer { namespaces, pods }, family)
+    }
+
+    #[test]
+    fn candidates_from_the_postings_give_exactly_what_a_pass_over_every_pod_gives() {
+        use crate::postings::PodPostings;
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut index = Index::default();
+            for step in 0..80 {
+                for _ in 0..1 + rng.below(3) {
+                    mutate(&mut index, &mut rng);
+                }
+                if rng.below(30) == 0 {
+                    let pods: Vec<_> = index.pods.values().cloned().collect();
+                    index.reset_pods(pods);
+                }
+                let mut fresh = PodPostings::default();
+                index.pods.values().for_each(|p| fresh.add(p));
+                assert_eq!(index.postings(), &fresh, "seed {seed}, step {step}");
+                // Share 0: the postings whenever the selector has a term for them; the default
+                // share passes over large ones (most, in a cluster this small).
+                let mut always = FromScratch::with_share(&index, 0);
+                let mut default = FromScratch::new(&index);
+                for _ in 0..8 {
+                    let key = random_set_key(&mut rng);
+                    let mut indexed: Vec<(PodKey, Vec<Element>)> = always
+                        .contributions(&key)
+                        .into_iter()
+                        .map(|(p, c)| (p.key.clone(), c))
+                        .collect();
+                    indexed.sort();
+                    let mut chosen: Vec<(PodKey, Vec<Element>)> = default
+                        .contributions(&key)
+                        .into_iter()
+                        .map(|(p, c)| (p.key.clone(), c))
+                        .collect();
+                    chosen.sort();
+                    assert_eq!(indexed, chosen, "seed {seed}, step {step}, {key:?}");
+                    let every_pod: Vec<(PodKey, Vec<Element>)> = index
+                        .pods
+                        .values()
+                        .map(|p| (p.key.clone(), key.contribution(&index, p)))
+                        .filter(|(_, c)| !c.is_empty())
+                        .collect();
+                    assert_eq!(indexed, every_pod, "seed {seed}, step {step}, {key:?}");
                 }
             }
         }

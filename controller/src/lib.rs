@@ -1,6 +1,7 @@
 //! sluice: Kubernetes NetworkPolicy for flannel clusters, decided in the kernel by nftables.
 //!
-//! The pure core (no I/O): [`selector`], [`model`] (the cluster index), [`policy`] (the reference
+//! The pure core (no I/O): [`selector`], [`model`] (the cluster index; [`postings`], its pods by
+//! label and named port), [`policy`] (the reference
 //! evaluator), [`compile`] (index + node -> ruleset IR). The edges: [`nft`] (IR -> nft text, diffs,
 //! applying), [`snapshot`] (objects from YAML files), and the agent: [`watch`] (API watches into
 //! the index), [`agent`] (the reconcile loop), [`http`] and [`metrics`].
@@ -17,6 +18,7 @@ pub mod model;
 pub mod nft;
 pub mod owner;
 pub mod policy;
+pub mod postings;
 pub mod selector;
 pub mod simulate;
 pub mod snapshot;

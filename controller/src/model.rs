@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::postings::PodPostings;
 use crate::selector::{Labels, Selector, SelectorError};
 
 /// The label the API server puts on every namespace.
@@ -806,13 +807,19 @@ pub struct Index {
     /// cluster (that pass, twice per sync, was most of an agent's CPU at 10k pods). Kept by
     /// `apply_pod`, `delete_pod` and `reset_pods`.
     by_node: BTreeMap<String, BTreeSet<PodKey>>,
+    /// Pod keys per label `key=value` and per named port, so that a set's candidate pods are
+    /// found without a pass over every pod of their namespaces (or of the cluster). Kept where
+    /// `by_node` is.
+    postings: PodPostings,
     /// What changed since [`Index::take_changes`] last ran (for the incremental compiler).
     changes: Changes,
 }
 
 /// Pods and namespaces that changed (added, updated, removed) since the last
 /// [`Index::take_changes`]. Changes made through `Index`'s methods are recorded; writing the
-/// public maps directly is not (the from-scratch `compile_node` does not care).
+/// public maps directly is not (the from-scratch `compile_node` does not care, as long as a
+/// pod's node, labels and ports change only through `apply_pod`: `by_node` and the postings
+/// follow them).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     pub pods: BTreeSet<PodKey>,
@@ -863,11 +870,16 @@ impl Index {
                 .or_default()
                 .insert(pod.key.clone());
         }
-        if let Some(old) = self.pods.insert(pod.key.clone(), pod) {
-            let key = &old.key;
-            if old.node != self.pods[key].node {
-                self.forget_node(old.node.as_deref(), key);
+        let key = pod.key.clone();
+        match self.pods.insert(key.clone(), pod) {
+            Some(old) => {
+                let new = &self.pods[&key];
+                self.postings.replace(&old, new);
+                if old.node != new.node {
+                    self.forget_node(old.node.as_deref(), &key);
+                }
             }
+            None => self.postings.add(&self.pods[&key]),
         }
         true
     }
@@ -875,6 +887,7 @@ impl Index {
     pub fn delete_pod(&mut self, key: &PodKey) {
         if let Some(old) = self.pods.remove(key) {
             self.changes.pods.insert(key.clone());
+            self.postings.remove(&old);
             self.forget_node(old.node.as_deref(), key);
         }
         self.api_ips.remove(key);
@@ -993,6 +1006,7 @@ impl Index {
         self.pods.clear();
         self.api_ips.clear();
         self.by_node.clear();
+        self.postings.clear();
         self.changes.everything = true;
         for pod in all {
             self.apply_pod(pod);
@@ -1044,6 +1058,11 @@ impl Index {
             .flatten()
             .filter_map(|key| self.pods.get(key))
             .filter(move |p| p.node.as_deref() == Some(node) && p.owns_ips() && !p.ips.is_empty())
+    }
+
+    /// The pods by label and by named port (for finding a set's candidate members).
+    pub fn postings(&self) -> &PodPostings {
+        &self.postings
     }
 
     /// Policies in the pod's namespace that select it and isolate `direction`.

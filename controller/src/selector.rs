@@ -96,6 +96,11 @@ impl Selector {
         Ok(Self { requirements })
     }
 
+    /// Its requirements, in canonical order (all must hold).
+    pub fn requirements(&self) -> &[Requirement] {
+        &self.requirements
+    }
+
     pub fn matches(&self, labels: &Labels) -> bool {
         self.requirements.iter().all(|r| match r {
             Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),

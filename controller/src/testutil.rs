@@ -104,13 +104,15 @@ pub fn deny_ingress(idx: &mut Index, ns: &str) {
 }
 
 pub fn set_named_port(idx: &mut Index, pod: &str, name: &str, port: u16) {
-    let p = idx.pods.get_mut(&key(pod)).expect("pod");
+    // Through apply_pod: the index's named-port postings follow a pod's ports.
+    let mut p = idx.pods.get(&key(pod)).expect("pod").clone();
     p.ports.retain(|c| c.name.as_deref() != Some(name));
     p.ports.push(ContainerPort {
         name: Some(name.into()),
         port,
         protocol: Protocol::Tcp,
     });
+    idx.apply_pod(p);
 }
 
 /// TCP over IPv4, allowed?
